@@ -1,0 +1,75 @@
+"""The ``microct-sr`` command: a click group with one thin module per subcommand.
+
+Exit status: 0 success, 2 bad input (:class:`~microct_sr.errors.UserError` or a usage error),
+1 anything else, 130 on Ctrl-C. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import UserError
+
+# Explicit list, no import-time scanning: (module under microct_sr.cli, command name).
+SUBCOMMANDS = ["info", "upscale", "simulate", "phantom", "pair", "evaluate", "train"]
+
+
+class _LazyGroup(click.Group):
+    """Imports a subcommand's module only when it runs, so ``--help`` stays fast and
+    ``upscale`` never imports the heavy optional stack of ``evaluate``."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in SUBCOMMANDS:
+            return None
+        module = importlib.import_module(f"{__name__}.{name}")
+        return module.command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="microct-sr")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """8x super-resolution of bone micro-CT (R2-RCANGAN)."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the group and map errors to exit codes."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="microct-sr", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except UserError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence for a CLI
+        if debug:
+            raise
+        click.echo(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(0)

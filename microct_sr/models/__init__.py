@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 ARCHS = ("r2rcan", "rcan", "edsr", "srcnn", "rrdbnet")
@@ -114,3 +115,27 @@ def build_model(config: ModelConfig) -> nn.Module:
     else:
         raise ValueError(f"unknown arch {config.arch!r}; choose one of {', '.join(ARCHS)}")
     return net(config)
+
+
+def count_macs(model: nn.Module, lr_hw: tuple[int, int], in_channels: int = 1) -> dict[str, int]:
+    """Multiply-accumulates of every conv for one (1, in_channels, h, w) input, by top-level
+    child name plus ``"total"``. Runs one forward on the meta device (no memory, no time)."""
+    import copy
+
+    meta = copy.deepcopy(model).to("meta")
+    macs: dict[str, int] = {}
+
+    def hook(name: str):
+        def fn(mod: nn.Conv2d, inp, out) -> None:
+            k = mod.weight.shape[1] * mod.weight.shape[2] * mod.weight.shape[3]
+            macs[name] = macs.get(name, 0) + out.numel() * k
+        return fn
+
+    handles = [m.register_forward_hook(hook(top)) for top, child in meta.named_children()
+               for m in child.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        meta(torch.empty(1, in_channels, *lr_hw, device="meta"))
+    for h in handles:
+        h.remove()
+    macs["total"] = sum(macs.values())
+    return macs

@@ -1,0 +1,68 @@
+"""R2-RCAN generator (Yu et al. 2022, section 2.2 and 3.2).
+
+Shallow conv3x3 (1 -> C), a deep body of RCAB groups and Res2 groups alternating (RCAB group
+first), each group with a short skip, a long skip over the body, then the upsampler and the
+last conv to 1 channel (both in :func:`~microct_sr.models.blocks.make_upsampler`).
+
+The ``paper`` preset is exactly the paper's network: C = 64, 10 RCAB groups of 20 RCABs with a
+closing conv3x3, 10 Res2 groups of 5 Res2Net blocks (4 scales, SE), channel-attention
+reduction 16, three x2 stages of conv3x3 (64 -> 256) + PixelShuffle(2), conv3x3 (64 -> 1).
+It costs about 994 GFLOP (2 x MACs) per 160 x 160 LR slice; :func:`body_layout` lists the
+groups in order, which the tests check against the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .blocks import RCAB, Res2Block, ResidualGroup, conv3x3, make_upsampler
+
+
+def rcab_group(channels: int, n_blocks: int, reduction: int) -> ResidualGroup:
+    """``n_blocks`` RCABs, a closing conv3x3 and the group's short skip (RCAN, eq. 4)."""
+    blocks = [RCAB(channels, reduction) for _ in range(n_blocks)]
+    return ResidualGroup(blocks, channels, closing_conv=True)
+
+
+def res2_group(channels: int, n_blocks: int, scales: int, reduction: int) -> ResidualGroup:
+    """``n_blocks`` Res2Net+SE blocks and the group's short skip (no closing conv)."""
+    blocks = [Res2Block(channels, scales, reduction) for _ in range(n_blocks)]
+    return ResidualGroup(blocks, channels, closing_conv=False)
+
+
+def body_layout(config) -> list[str]:
+    """Group kinds in body order: "rcab" and "res2" alternate, RCAB first; the longer list's
+    surplus (if the counts differ) goes at the end."""
+    n_r, n_s = config.n_rcab_groups, config.n_res2_groups
+    layout: list[str] = []
+    for i in range(max(n_r, n_s)):
+        if i < n_r:
+            layout.append("rcab")
+        if i < n_s:
+            layout.append("res2")
+    return layout
+
+
+class R2RCAN(nn.Module):
+    """R2-RCAN: (N, in_channels, h, w) in [0, 1] -> (N, out_channels, scale*h, scale*w)."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config.n_feats
+        self.config = config
+        self.head = conv3x3(config.in_channels, c)
+        groups = []
+        for kind in body_layout(config):
+            if kind == "rcab":
+                groups.append(rcab_group(c, config.n_rcabs, config.reduction))
+            else:
+                groups.append(res2_group(c, config.n_res2_blocks, config.res2_scales,
+                                         config.reduction))
+        self.body = nn.Sequential(*groups)
+        self.tail = make_upsampler(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shallow = self.head(x)
+        deep = self.body(shallow) + shallow  # long skip over the body
+        return self.tail(deep)

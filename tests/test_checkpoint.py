@@ -1,0 +1,146 @@
+"""Model files: round trip, and every kind of bad file gives a UserError naming it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from microct_sr import checkpoint
+from microct_sr.checkpoint import DEFAULT_MODEL, load_checkpoint, load_model, save_model
+from microct_sr.errors import UserError
+from microct_sr.models import build_model, preset
+
+INTENSITY = {"window": [0, 255], "dtype": "uint8"}
+PROVENANCE = {"stage": "test", "iterations": 0, "data": "random init inside a test"}
+
+
+@pytest.fixture
+def tiny_file(tmp_path) -> Path:
+    torch.manual_seed(1)
+    cfg = preset("r2rcan", "tiny")
+    return save_model(tmp_path / "m.pt", build_model(cfg), cfg, intensity=INTENSITY,
+                      provenance=PROVENANCE, extra={"ema": True})
+
+
+def test_round_trip_rebuilds_same_network(tiny_file):
+    torch.manual_seed(1)
+    ref = build_model(preset("r2rcan", "tiny")).eval()
+    model, ckpt = load_model(tiny_file)
+    assert not model.training
+    x = torch.rand(1, 1, 5, 6)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    assert ckpt["format"] == "microct-sr" and ckpt["format_version"] == 1
+    assert ckpt["intensity"] == {"window": [0.0, 255.0], "dtype": "uint8"}
+    assert ckpt["provenance"]["stage"] == "test" and ckpt["provenance"]["created"]
+    assert ckpt["ema"] is True and ckpt["config"]["arch"] == "r2rcan"
+
+
+def test_save_is_atomic_leaves_no_temp(tiny_file):
+    assert [p.name for p in tiny_file.parent.iterdir()] == ["m.pt"]
+
+
+def test_default_model_path_is_repo_weights(monkeypatch, tmp_path):
+    assert DEFAULT_MODEL == Path(checkpoint.__file__).resolve().parents[1] / "weights/default.pt"
+    monkeypatch.setenv("MICROCT_SR_DEFAULT_MODEL", str(tmp_path / "x.pt"))
+    assert checkpoint.default_model_path() == tmp_path / "x.pt"
+
+
+def _expect_user_error(path: Path, match: str) -> None:
+    with pytest.raises(UserError, match=match) as e:
+        load_model(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    _expect_user_error(tmp_path / "nope.pt", "not found")
+
+
+def test_truncated_file(tiny_file, tmp_path):
+    bad = tmp_path / "trunc.pt"
+    bad.write_bytes(tiny_file.read_bytes()[: tiny_file.stat().st_size // 2])
+    _expect_user_error(bad, "truncated")
+
+
+def test_not_a_torch_file(tmp_path):
+    bad = tmp_path / "text.pt"
+    bad.write_text("hello, I am not a model\n")
+    _expect_user_error(bad, "not a readable PyTorch")
+
+
+class _Boom:
+    """An object whose unpickling would run code: loading must refuse it, not run it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickle_with_code_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "microct-sr", "payload": _Boom()}, bad)
+    _expect_user_error(bad, "refusing to unpickle")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_plain_state_dict_is_not_ours(tmp_path):
+    bad = tmp_path / "sd.pt"
+    torch.save(build_model(preset("r2rcan", "tiny")).state_dict(), bad)
+    _expect_user_error(bad, "not a microct-sr model")
+
+
+def test_newer_format_version(tiny_file, tmp_path):
+    ckpt = torch.load(tiny_file, weights_only=True)
+    ckpt["format_version"] = 99
+    torch.save(ckpt, tmp_path / "new.pt")
+    _expect_user_error(tmp_path / "new.pt", "format version 99 is not supported")
+
+
+def test_unknown_config_key_is_incompatible(tiny_file, tmp_path):
+    ckpt = torch.load(tiny_file, weights_only=True)
+    ckpt["config"]["wormholes"] = 3
+    torch.save(ckpt, tmp_path / "cfg.pt")
+    _expect_user_error(tmp_path / "cfg.pt", "incompatible")
+
+
+def test_weights_not_matching_config(tiny_file, tmp_path):
+    ckpt = torch.load(tiny_file, weights_only=True)
+    ckpt["config"]["n_feats"] = 32
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    _expect_user_error(tmp_path / "mismatch.pt", "do not fit")
+
+
+def test_missing_intensity(tiny_file, tmp_path):
+    ckpt = torch.load(tiny_file, weights_only=True)
+    del ckpt["intensity"]
+    torch.save(ckpt, tmp_path / "noint.pt")
+    _expect_user_error(tmp_path / "noint.pt", "lacks intensity")
+
+
+def test_load_checkpoint_zip_without_pickle(tmp_path):
+    bad = tmp_path / "zip.pt"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("archive/readme.txt", "no data.pkl here")
+    with pytest.raises(UserError, match="not a readable PyTorch"):
+        load_checkpoint(bad)
+
+
+def test_save_rejects_bad_intensity(tmp_path):
+    cfg = preset("r2rcan", "tiny")
+    with pytest.raises(ValueError, match="empty"):
+        save_model(tmp_path / "x.pt", build_model(cfg), cfg,
+                   intensity={"window": [5, 5], "dtype": "uint8"}, provenance={})
+    assert not list(tmp_path.iterdir())
+
+
+def test_pickle_error_type_is_what_torch_raises(tmp_path):
+    """Guards the except clause: weights_only refusals are UnpicklingError."""
+    p = tmp_path / "obj.pt"
+    torch.save({"x": _Boom()}, p)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(p, weights_only=True)

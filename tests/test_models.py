@@ -1,0 +1,142 @@
+"""R2-RCAN: the paper preset's structure and size, blocks, presets, upsamplers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from microct_sr.models import PRESETS, ModelConfig, build_model, count_macs, preset
+from microct_sr.models.blocks import (RCAB, ChannelAttention, LightUpsampler,
+                                      PixelShuffleUpsampler, Res2Block, ResidualGroup,
+                                      make_upsampler)
+from microct_sr.models.r2rcan import R2RCAN, body_layout
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def conv_params(c_in: int, c_out: int, k: int) -> int:
+    return c_in * c_out * k * k + c_out
+
+
+# Parameter count of the paper's network, derived by hand from section 2.2 / 3.2 (C = 64):
+CA = conv_params(64, 4, 1) + conv_params(4, 64, 1)                       # reduction 16
+RCAB_P = 2 * conv_params(64, 64, 3) + CA
+RCAB_GROUP = 20 * RCAB_P + conv_params(64, 64, 3)                        # + closing conv
+RES2_P = 2 * conv_params(64, 64, 1) + 3 * conv_params(16, 16, 3) + CA   # 4 scales of 16
+RES2_GROUP = 5 * RES2_P
+UPSAMPLER = 3 * conv_params(64, 256, 3) + conv_params(64, 1, 3)
+PAPER_PARAMS = conv_params(1, 64, 3) + 10 * RCAB_GROUP + 10 * RES2_GROUP + UPSAMPLER
+
+
+@pytest.fixture(scope="module")
+def paper() -> R2RCAN:
+    return build_model(preset("r2rcan", "paper"))
+
+
+def test_paper_parameter_count(paper):
+    assert n_params(paper) == PAPER_PARAMS == 16_493_833
+
+
+def test_paper_body_alternates_ten_rcab_and_ten_res2_groups(paper):
+    groups = list(paper.body)
+    assert len(groups) == 20
+    for i, g in enumerate(groups):
+        assert isinstance(g, ResidualGroup)
+        blocks = list(g.blocks)
+        if i % 2 == 0:  # RCAB group: 20 RCABs + closing conv3x3
+            assert len(blocks) == 20 and all(isinstance(b, RCAB) for b in blocks)
+            assert isinstance(g.conv, nn.Conv2d) and g.conv.kernel_size == (3, 3)
+        else:           # Res2 group: 5 Res2Net+SE blocks
+            assert len(blocks) == 5 and all(isinstance(b, Res2Block) for b in blocks)
+            assert isinstance(g.conv, nn.Identity)
+    assert body_layout(paper.config) == ["rcab", "res2"] * 10
+
+
+def test_paper_block_structure(paper):
+    rcab = paper.body[0].blocks[0]
+    assert [rcab.conv1.kernel_size, rcab.conv2.kernel_size] == [(3, 3), (3, 3)]
+    assert (rcab.ca.down.in_channels, rcab.ca.down.out_channels) == (64, 4)
+    assert rcab.ca.up.kernel_size == (1, 1)
+    res2 = paper.body[1].blocks[0]
+    assert res2.reduce.kernel_size == (1, 1) and res2.expand.kernel_size == (1, 1)
+    assert len(res2.convs) == 3 and all(c.in_channels == 16 and c.kernel_size == (3, 3)
+                                        for c in res2.convs)
+    assert isinstance(res2.se, ChannelAttention)
+    assert paper.head.in_channels == 1 and paper.head.out_channels == 64
+
+
+def test_paper_upsampler_is_three_x2_pixelshuffle_stages(paper):
+    tail = paper.tail
+    assert isinstance(tail, PixelShuffleUpsampler)
+    shuffles = [m for m in tail if isinstance(m, nn.PixelShuffle)]
+    convs = [m for m in tail if isinstance(m, nn.Conv2d)]
+    assert [s.upscale_factor for s in shuffles] == [2, 2, 2]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(64, 256)] * 3 + [(64, 1)]
+
+
+def test_paper_cost_per_160px_slice(paper):
+    macs = count_macs(paper, (160, 160))
+    assert 2 * macs["total"] / 1e9 == pytest.approx(973, abs=1)
+
+
+@pytest.mark.parametrize("arch_preset", ["small", "tiny"])
+def test_cpu_presets_use_light_upsampler_which_costs_far_less(arch_preset):
+    cfg = preset("r2rcan", arch_preset)
+    light = count_macs(build_model(cfg), (40, 40))
+    heavy = count_macs(build_model(preset("r2rcan", arch_preset, upsampler="pixelshuffle")),
+                       (40, 40))
+    assert cfg.upsampler == "light"
+    assert heavy["tail"] / heavy["total"] > 0.6  # the paper upsampler dominates small models
+    assert light["tail"] < heavy["tail"] / 20
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_forward_shape_and_grid(name):
+    model = build_model(preset("r2rcan", name)).eval()
+    x = torch.rand(2, 1, 6, 5)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 1, 48, 40) and y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+
+
+def test_blocks_keep_shape_and_skip():
+    x = torch.randn(2, 8, 5, 7)
+    for block in (RCAB(8, 4), Res2Block(8, 4, 4), ChannelAttention(8, 4)):
+        assert block(x).shape == x.shape
+    rcab = RCAB(8, 4)
+    nn.init.zeros_(rcab.conv2.weight), nn.init.zeros_(rcab.conv2.bias)
+    assert torch.equal(rcab(x), x)  # a zero residual branch leaves the skip alone
+
+
+def test_res2_block_hierarchy_links_scales():
+    """Changing scale 2's input must change scale 3's and 4's outputs (y_i = K_i(x_i + y_{i-1}))."""
+    torch.manual_seed(0)
+    blk = Res2Block(8, 4, 4).eval()
+    feats = torch.relu(blk.reduce(torch.randn(1, 8, 6, 6)))
+    parts = list(torch.chunk(feats, 4, dim=1))
+    y2 = torch.relu(blk.convs[0](parts[1]))
+    y3 = torch.relu(blk.convs[1](parts[2] + y2))
+    y3_without_link = torch.relu(blk.convs[1](parts[2]))
+    assert not torch.allclose(y3, y3_without_link)
+
+
+@pytest.mark.parametrize("kind,cls", [("pixelshuffle", PixelShuffleUpsampler),
+                                      ("light", LightUpsampler)])
+def test_make_upsampler_reusable(kind, cls):
+    cfg = ModelConfig(n_feats=12, scale=8, out_channels=1, upsampler=kind)
+    up = make_upsampler(cfg)
+    assert isinstance(up, cls)
+    assert up(torch.rand(1, 12, 3, 4)).shape == (1, 1, 24, 32)
+    with pytest.raises(ValueError, match="upsampler"):
+        make_upsampler(ModelConfig(upsampler="bogus"))
+
+
+def test_presets_round_trip_through_dict():
+    for name, cfg in PRESETS["r2rcan"].items():
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg, name
+    with pytest.raises(ValueError, match="unknown"):
+        preset("r2rcan", "huge")

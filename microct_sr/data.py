@@ -1,0 +1,237 @@
+"""Training data: LR/HR patch pairs from one or more ``microct-sr pair`` folders.
+
+A pair folder holds ``lr/<patch_id>.tif``, ``hr/<patch_id>.tif`` (2D, HR = factor x LR) and
+``pairs.csv`` (patch_id, scan_id, ...). Folders are pooled; the train/val/test split is by
+``scan_id`` (one specimen/animal: give the same scan_id to every simulated setting of the same
+specimen so no specimen leaks across the split). Augmentation: the 8 symmetries of the square
+(rotations by 0/90/180/270 degrees, each with or without a flip), the same for LR and HR.
+
+Batches come from :class:`IterationBatchSampler`, whose batch at iteration t depends only on
+(seed, t): a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import tifffile
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILE = "split.json"
+SPLIT_KEYS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One LR/HR patch pair on disk."""
+
+    folder: Path
+    patch_id: str
+    scan_id: str
+
+    @property
+    def lr_path(self) -> Path:
+        return self.folder / "lr" / f"{self.patch_id}.tif"
+
+    @property
+    def hr_path(self) -> Path:
+        return self.folder / "hr" / f"{self.patch_id}.tif"
+
+
+def read_pairs(dirs: Sequence[str | Path]) -> list[Pair]:
+    """All pairs listed in the ``pairs.csv`` of each folder; UserError naming a bad folder."""
+    if not dirs:
+        raise UserError("no --data folder given")
+    pairs: list[Pair] = []
+    for d in dirs:
+        folder = Path(d)
+        csv_path = folder / "pairs.csv"
+        if not folder.is_dir():
+            raise UserError("data folder not found", folder)
+        if not csv_path.is_file():
+            raise UserError("no pairs.csv: not a `microct-sr pair` output folder", folder)
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"patch_id", "scan_id"} <= set(reader.fieldnames):
+                raise UserError("pairs.csv lacks the patch_id and scan_id columns", csv_path)
+            rows = [Pair(folder, r["patch_id"], r["scan_id"]) for r in reader]
+        if not rows:
+            raise UserError("pairs.csv lists no patches (empty data folder)", csv_path)
+        for p in (rows[0], rows[-1]):
+            for f in (p.lr_path, p.hr_path):
+                if not f.is_file():
+                    raise UserError(f"patch {p.patch_id} is listed in pairs.csv but missing", f)
+        pairs += rows
+    return pairs
+
+
+def make_split(scan_ids: Sequence[str], seed: int) -> dict[str, list[str]]:
+    """Split the distinct scan ids 80/10/10 into train/val/test (shuffled with ``seed``).
+
+    With 2 scans: 1 train, 1 val. With 3 or more: at least one val and one test scan.
+    """
+    ids = sorted(set(scan_ids))
+    rng = np.random.default_rng(seed)
+    ids = [ids[i] for i in rng.permutation(len(ids))]
+    n = len(ids)
+    if n == 1:
+        n_val = n_test = 0
+    elif n == 2:
+        n_val, n_test = 1, 0
+    else:
+        n_val = n_test = max(1, round(0.1 * n))
+    split = {"train": sorted(ids[n_val + n_test:]), "val": sorted(ids[:n_val]),
+             "test": sorted(ids[n_val:n_val + n_test])}
+    if n < 3:
+        log.warning("only %d scan(s) in the data: split %s (no held-out test scan)", n,
+                    {k: len(v) for k, v in split.items()})
+    return split
+
+
+def load_split(path: str | Path, scan_ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Read a split file ``{"train": [...], "val": [...], "test": [...]}`` of scan ids."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the split file ({e})", path) from e
+    if not isinstance(split, dict) or not all(isinstance(split.get(k, []), list)
+                                              for k in SPLIT_KEYS) or not split.get("train"):
+        raise UserError('split file must be {"train": [scan ids], "val": [...], "test": [...]} '
+                        "with a non-empty train list", path)
+    split = {k: [str(s) for s in split.get(k, [])] for k in SPLIT_KEYS}
+    seen: dict[str, str] = {}
+    for k in SPLIT_KEYS:
+        for s in split[k]:
+            if s in seen:
+                raise UserError(f"scan {s!r} is in both {seen[s]} and {k}", path)
+            seen[s] = k
+    if scan_ids is not None:
+        unknown = sorted(set(split["train"]) - set(scan_ids))
+        if unknown:
+            raise UserError(f"train scans not in the data: {unknown[:5]}", path)
+    return split
+
+
+def save_split(split: dict, path: str | Path) -> None:
+    """Write the split as JSON atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(split, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def augment_pair(lr: np.ndarray, hr: np.ndarray, code: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetry ``code`` in 0..7: rotate by 90 * (code % 4) degrees, then flip if code >= 4.
+    Rotations and flips keep the SR grid (LR pixel i covers HR [8i, 8i+8))."""
+    k, flip = code % 4, code >= 4
+    lr, hr = np.rot90(lr, k), np.rot90(hr, k)
+    if flip:
+        lr, hr = lr[:, ::-1], hr[:, ::-1]
+    return lr, hr
+
+
+class PatchDataset(Dataset):
+    """LR/HR pairs of the given scans as float32 tensors (1, h, w) / (1, f*h, f*w) in [0, 1]
+    after the intensity ``window`` (lo, hi); items are indexed by ``i`` or ``(i, code)`` where
+    ``code`` is an :func:`augment_pair` symmetry (applied only when ``augment``)."""
+
+    def __init__(self, dirs: Sequence[str | Path] | None = None,
+                 scan_ids: Sequence[str] | None = None, augment: bool = False, *,
+                 window: tuple[float, float] | None = None, factor: int = 8,
+                 pairs: Sequence[Pair] | None = None):
+        all_pairs = list(pairs) if pairs is not None else read_pairs(dirs or [])
+        keep = None if scan_ids is None else set(scan_ids)
+        self.pairs = [p for p in all_pairs if keep is None or p.scan_id in keep]
+        self.augment = augment
+        self.window = window
+        self.factor = factor
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read_raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stored LR and HR arrays of pair ``i`` (native dtype), shapes checked."""
+        p = self.pairs[i]
+        lr, hr = tifffile.imread(p.lr_path), tifffile.imread(p.hr_path)
+        if lr.ndim != 2 or hr.shape != (lr.shape[0] * self.factor, lr.shape[1] * self.factor):
+            raise UserError(f"HR patch {hr.shape} is not {self.factor}x the LR patch "
+                            f"{lr.shape} (2D)", p.hr_path)
+        return lr, hr
+
+    def _scale(self, a: np.ndarray) -> torch.Tensor:
+        lo, hi = self.window if self.window is not None else (0.0, 1.0)
+        x = (np.ascontiguousarray(a, dtype=np.float32) - lo) / max(hi - lo, 1e-12)
+        return torch.from_numpy(np.clip(x, 0.0, 1.0))[None]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, code = (key, 0) if isinstance(key, (int, np.integer)) else key
+        lr, hr = self.read_raw(int(i))
+        if self.augment and code:
+            lr, hr = augment_pair(lr, hr, int(code))
+        return self._scale(lr), self._scale(hr)
+
+
+def estimate_window(dataset: PatchDataset, max_patches: int = 256) -> tuple[float, float]:
+    """The intensity window (lo, hi) mapped to [0, 1]: the dtype's full range for 8-bit data,
+    otherwise the min and max over up to ``max_patches`` evenly spaced LR and HR patches."""
+    idx = np.unique(np.linspace(0, len(dataset) - 1, min(max_patches, len(dataset))).astype(int))
+    lo, hi = np.inf, -np.inf
+    for i in idx:
+        lr, hr = dataset.read_raw(int(i))
+        if lr.dtype == np.uint8 and hr.dtype == np.uint8:
+            return 0.0, 255.0
+        lo = min(lo, float(lr.min()), float(hr.min()))
+        hi = max(hi, float(lr.max()), float(hr.max()))
+    if not hi > lo:
+        raise UserError("the training patches are constant: no intensity window")
+    return lo, hi
+
+
+class IterationBatchSampler(Sampler):
+    """Batches of ``(index, symmetry)`` for iterations ``start .. stop - 1``.
+
+    The global batch of iteration t is positions [t*B, (t+1)*B) of an endless stream of
+    epochs, each a permutation drawn from (seed, epoch); process ``rank`` of ``world`` takes
+    its B/world share. So batches depend only on (seed, t), never on earlier state.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int,
+                 rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise UserError(f"--batch-size {batch_size} is not divisible by the {world} "
+                            "processes")
+        self.n, self.batch, self.seed = n, batch_size, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch = (epoch, rng.permutation(self.n), rng.integers(0, 8, self.n))
+        return self._epoch[1], self._epoch[2]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per = self.batch // self.world
+        for t in range(self.start, self.stop):
+            first = t * self.batch + self.rank * per
+            batch = []
+            for pos in range(first, first + per):
+                perm, codes = self._draw(pos // self.n)
+                batch.append((int(perm[pos % self.n]), int(codes[pos % self.n])))
+            yield batch

@@ -1,0 +1,94 @@
+"""data.py: pair folders pooled, split by scan, augmentation symmetric for LR and HR,
+deterministic resumable batches, clear errors for bad folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _train_data import make_pair_folder
+from microct_sr.data import (IterationBatchSampler, PatchDataset, augment_pair, estimate_window,
+                             load_split, make_split, read_pairs, save_split)
+from microct_sr.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    a = make_pair_folder(root / "a", ["rat1", "rat2", "rat3"], patches_per_scan=3, seed=1)
+    b = make_pair_folder(root / "b", ["rat4", "rat5"], patches_per_scan=3, seed=2)
+    return a, b
+
+
+def test_pools_folders_and_scales_to_window(folders):
+    ds = PatchDataset(folders, None, augment=False, window=(0.0, 255.0))
+    assert len(ds) == 15
+    lr, hr = ds[0]
+    assert lr.shape == (1, 8, 8) and hr.shape == (1, 64, 64) and lr.dtype == torch.float32
+    raw_lr, raw_hr = ds.read_raw(0)
+    assert torch.allclose(hr[0], torch.from_numpy(raw_hr / 255.0).float())
+    assert 0.0 <= float(hr.min()) and float(hr.max()) <= 1.0
+    assert estimate_window(ds) == (0.0, 255.0)  # uint8 -> full range
+
+
+def test_subset_by_scan(folders):
+    ds = PatchDataset(folders, ["rat2", "rat5"])
+    assert len(ds) == 6 and {p.scan_id for p in ds.pairs} == {"rat2", "rat5"}
+
+
+def test_split_is_by_scan_and_saved(folders, tmp_path):
+    scans = [p.scan_id for p in read_pairs(folders)]
+    split = make_split(scans, seed=0)
+    assert sorted(sum(split.values(), [])) == ["rat1", "rat2", "rat3", "rat4", "rat5"]
+    assert len(split["val"]) == 1 and len(split["test"]) == 1 and len(split["train"]) == 3
+    assert make_split(scans, seed=0) == split  # same seed, same split
+    save_split(split, tmp_path / "split.json")
+    assert load_split(tmp_path / "split.json", scans) == split
+
+
+def test_bad_split_file(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text('{"train": ["a"], "val": ["a"]}')
+    with pytest.raises(UserError, match="both"):
+        load_split(f)
+    f.write_text("not json")
+    with pytest.raises(UserError, match="s.json"):
+        load_split(f)
+
+
+def test_augmentation_keeps_lr_hr_correspondence(folders):
+    ds = PatchDataset(folders, None)
+    lr, hr = (a.astype(np.float64) for a in ds.read_raw(0))
+    for code in range(8):
+        a_lr, a_hr = augment_pair(lr, hr, code)
+        # the 8x8 block means of the HR still line up with the LR pixel by pixel
+        blocks = a_hr.reshape(8, 8, 8, 8).mean(axis=(1, 3))
+        orig = hr.reshape(8, 8, 8, 8).mean(axis=(1, 3))
+        assert np.allclose(blocks, augment_pair(orig, hr, code)[0])
+        assert np.allclose(a_lr, augment_pair(lr, orig, code)[0])
+    outs = {augment_pair(lr, hr, c)[1].tobytes() for c in range(8)}
+    assert len(outs) == 8  # eight distinct symmetries
+
+
+def test_sampler_depends_only_on_iteration():
+    full = list(IterationBatchSampler(10, 4, seed=3, start=0, stop=6))
+    resumed = list(IterationBatchSampler(10, 4, seed=3, start=4, stop=6))
+    assert resumed == full[4:]
+    seen = [i for b in full[:5] for i, _ in b][:10]
+    assert sorted(seen) == list(range(10))  # one epoch visits every patch once
+    r0 = list(IterationBatchSampler(10, 4, seed=3, start=0, stop=6, rank=0, world=2))
+    r1 = list(IterationBatchSampler(10, 4, seed=3, start=0, stop=6, rank=1, world=2))
+    assert [a + b for a, b in zip(r0, r1)] == full  # ranks share each global batch
+    with pytest.raises(UserError, match="divisible"):
+        IterationBatchSampler(10, 3, seed=0, start=0, stop=1, world=2)
+
+
+def test_empty_and_missing_folders(tmp_path):
+    with pytest.raises(UserError, match="pairs.csv"):
+        read_pairs([tmp_path])
+    (tmp_path / "pairs.csv").write_text("patch_id,scan_id\n")
+    with pytest.raises(UserError, match="no patches"):
+        read_pairs([tmp_path])
+    with pytest.raises(UserError, match="not found"):
+        read_pairs([tmp_path / "nope"])

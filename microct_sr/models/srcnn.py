@@ -1,0 +1,32 @@
+"""SRCNN (Dong et al. 2014), 1 channel, x8: the pre-upsampling Table 1 baseline.
+
+Bicubic x8 interpolation (``align_corners=False``, which matches the SR grid of
+docs/architecture.md), then 9x9 (``n_feats``) -> 5x5 (``n_feats // 2``) -> 5x5 (1) convolutions
+with ReLU in between (Dong 2014, sec. 3.1, the 9-5-5 variant). The network predicts the
+residual to the bicubic image, which trains far faster than the original direct output and
+computes the same family of functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SRCNN(nn.Module):
+    """(N, 1, h, w) in [0, 1] -> (N, 1, 8h, 8w)."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config.n_feats
+        self.scale = config.scale
+        self.body = nn.Sequential(
+            nn.Conv2d(config.in_channels, c, 9, padding=4), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c // 2, 5, padding=2), nn.ReLU(inplace=True),
+            nn.Conv2d(c // 2, config.out_channels, 5, padding=2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return up + self.body(up)

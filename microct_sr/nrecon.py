@@ -1,0 +1,220 @@
+"""Bruker SkyScan NRecon output: ``.log`` parsing, slice discovery and log writing.
+
+An NRecon reconstruction folder holds slices ``<prefix><8 digits>.<bmp|tif|png|jpg>`` (the
+prefix from ``[File name convention] Filename Prefix``, usually ending in ``rec``, e.g.
+``sample__rec00000020.bmp``) beside ``<prefix>.log`` (``sample__rec.log``). Numbering starts at
+``[Reconstruction] First Section``; ``*_spr.*`` files are previews and are skipped.
+
+The voxel size is ``[Reconstruction] Pixel Size (um)``. ``[Acquisition] Image Pixel Size (um)``
+is the *projection* pixel and differs from it when ``Undersampling factor`` > 1.
+Logs are read as latin-1 (real ones carry non-UTF-8 Windows paths); unknown sections and keys
+are kept and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+SLICE_EXTENSIONS = (".bmp", ".tif", ".tiff", ".png", ".jpg", ".jpeg")
+INDEX_LENGTH = 8
+# Our own section: lets a writer record an anisotropic voxel size exactly.
+OWN_SECTION = "microct-sr"
+
+Sections = dict[str, dict[str, str]]
+
+
+def parse_log(path: Path) -> Sections:
+    """Parse an NRecon-style ``key=value`` log into ``{section: {key: value}}`` (latin-1).
+
+    Lines outside any section go to section ``""``; repeated keys keep the last value.
+    Raises :class:`UserError` when the file cannot be read or holds no section at all.
+    """
+    try:
+        text = Path(path).read_bytes().decode("latin-1")
+    except OSError as e:
+        raise UserError(f"cannot read the NRecon log ({e.strerror or e})", path) from None
+    if "\x00" in text:
+        raise UserError("unreadable NRecon log (binary content)", path)
+    sections: Sections = {"": {}}
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith((";", "#")):
+            continue
+        m = re.fullmatch(r"\[(.+)\]", line)
+        if m:
+            current = m.group(1).strip()
+            sections.setdefault(current, {})
+        elif "=" in line:
+            key, value = line.split("=", 1)
+            sections[current][key.strip()] = value.strip()
+    if len(sections) == 1:
+        raise UserError("unreadable NRecon log (no [Section] headers)", path)
+    return sections
+
+
+def _number(sections: Sections, section: str, key: str, path: Path) -> float | None:
+    """A numeric log value, None when absent; UserError when present but not a number."""
+    value = sections.get(section, {}).get(key)
+    if value is None or value == "":
+        return None
+    m = re.match(r"\s*([-+]?\d+(?:[.,]\d*)?(?:[eE][-+]?\d+)?)", value)
+    if not m:
+        raise UserError(f"[{section}] {key}={value!r} is not a number", path)
+    return float(m.group(1).replace(",", "."))
+
+
+@dataclass
+class NReconLog:
+    """What the readers need from an NRecon log."""
+
+    path: Path
+    sections: Sections
+    pixel_size_um: float | None = None          # reconstructed voxel (x, y)
+    projection_pixel_um: float | None = None    # [Acquisition] Image Pixel Size (um)
+    undersampling: int = 1
+    first_section: int | None = None
+    section_step: int = 1
+    prefix: str | None = None                   # [File name convention] Filename Prefix
+    index_length: int = INDEX_LENGTH
+    spacing_um: tuple[float, float, float] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def read_log(path: Path) -> NReconLog:
+    """Parse ``path`` and derive the voxel size (z, y, x) in um and the slice prefix."""
+    path = Path(path)
+    s = parse_log(path)
+    if "Reconstruction" not in s and OWN_SECTION not in s:
+        raise UserError("not an NRecon reconstruction log (no [Reconstruction] section)", path)
+    info = NReconLog(path=path, sections=s)
+    info.pixel_size_um = _number(s, "Reconstruction", "Pixel Size (um)", path)
+    info.projection_pixel_um = _number(s, "Acquisition", "Image Pixel Size (um)", path)
+    under = _number(s, "Reconstruction", "Undersampling factor", path)
+    info.undersampling = int(under) if under and under >= 1 else 1
+    first = _number(s, "Reconstruction", "First Section", path)
+    info.first_section = None if first is None else int(first)
+    step = _number(s, "Reconstruction", "Section to Section Step", path)
+    info.section_step = int(step) if step and step >= 1 else 1
+    conv = s.get("File name convention", {})
+    info.prefix = conv.get("Filename Prefix") or None
+    length = _number(s, "File name convention", "Filename Index Length", path)
+    info.index_length = int(length) if length else INDEX_LENGTH
+    info.spacing_um = _spacing(info, path)
+    return info
+
+
+def _spacing(info: NReconLog, path: Path) -> tuple[float, float, float] | None:
+    """Voxel size: our own exact entries, else Pixel Size (z = pixel x section step)."""
+    own = [_number(info.sections, OWN_SECTION, f"Spacing {a} (um)", path) for a in "ZYX"]
+    if all(v is not None and v > 0 for v in own):
+        return (own[0], own[1], own[2])  # type: ignore[return-value]
+    px = info.pixel_size_um
+    if px is None and info.projection_pixel_um:
+        px = info.projection_pixel_um * info.undersampling
+        info.notes.append(f"no [Reconstruction] Pixel Size; used Image Pixel Size x undersampling"
+                          f" = {px:g} um")
+    if px is None or px <= 0:
+        return None
+    return (px * info.section_step, px, px)
+
+
+def find_log(folder: Path) -> Path | None:
+    """The reconstruction log of an NRecon folder: ``*rec.log`` first, else any ``*.log``
+    with a ``[Reconstruction]`` section. None when there is none."""
+    logs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".log" and p.is_file())
+    rec = [p for p in logs if p.stem.lower().endswith("rec")]
+    if rec:
+        return rec[0]
+    for p in logs:
+        try:
+            head = p.read_bytes()[:200_000].decode("latin-1")
+        except OSError:
+            continue
+        if "[Reconstruction]" in head:
+            return p
+    return None
+
+
+def slice_pattern(prefix: str, index_length: int = INDEX_LENGTH) -> re.Pattern[str]:
+    """Regex matching ``<prefix><digits>.<ext>`` slice names (case-insensitive)."""
+    exts = "|".join(e.lstrip(".") for e in SLICE_EXTENSIONS)
+    return re.compile(rf"^{re.escape(prefix)}(\d{{{index_length}}})\.({exts})$", re.IGNORECASE)
+
+
+def is_preview(name: str) -> bool:
+    """NRecon writes ``*_spr.*`` previews beside the slices."""
+    return Path(name).stem.lower().endswith("_spr")
+
+
+def find_slices(folder: Path, info: NReconLog) -> list[tuple[int, Path]]:
+    """``(section index, path)`` of the slices named after the log's prefix, sorted.
+
+    Tries the prefix as written, then with ``rec`` appended, then the log's stem (``x_rec.log``
+    -> ``x_rec``). Empty when none match.
+    """
+    names = [p.name for p in folder.iterdir() if not is_preview(p.name)]
+    candidates = []
+    if info.prefix:
+        candidates += [info.prefix, info.prefix + "rec"]
+    candidates.append(info.path.stem)
+    for prefix in candidates:
+        pat = slice_pattern(prefix, info.index_length)
+        found = [(int(m.group(1)), folder / n) for n in names if (m := pat.match(n))]
+        if found:
+            exts = {p.suffix.lower() for _, p in found}
+            if len(exts) > 1:  # e.g. bmp and png exports side by side: take the commonest
+                best = max(exts, key=lambda e: sum(p.suffix.lower() == e for _, p in found))
+                found = [(i, p) for i, p in found if p.suffix.lower() == best]
+            return sorted(found)
+    return []
+
+
+def default_log(shape: tuple[int, int, int], spacing_um: tuple[float, float, float] | None,
+                prefix: str, file_type: str, version: str) -> Sections:
+    """A minimal NRecon-1.7-shaped log for a volume this tool wrote."""
+    z, y, x = shape
+    rec: dict[str, str] = {
+        "Reconstruction Program": "microct-sr",
+        "Program Version": f"Version: {version}",
+        "First Section": "0",
+        "Last Section": str(z - 1),
+        "Section to Section Step": "1",
+        "Sections Count": str(z),
+        "Result File Type": file_type.upper(),
+        "Result Image Width (pixels)": str(x),
+        "Result Image Height (pixels)": str(y),
+    }
+    sections: Sections = {"System": {"Software": f"microct-sr {version}"}, "Reconstruction": rec}
+    if spacing_um is not None:
+        rec["Pixel Size (um)"] = format(spacing_um[2], ".10g")
+        sections[OWN_SECTION] = {f"Spacing {a} (um)": format(v, ".10g")
+                                 for a, v in zip("ZYX", spacing_um)}
+    sections["File name convention"] = {"Filename Index Length": str(INDEX_LENGTH),
+                                        "Filename Prefix": prefix}
+    return sections
+
+
+def format_log(sections: Sections) -> bytes:
+    """Serialise sections as NRecon does (CRLF, latin-1; unencodable characters become '?')."""
+    lines: list[str] = []
+    for name, entries in sections.items():
+        if name:
+            lines.append(f"[{name}]")
+        lines += [f"{k}={v}" for k, v in entries.items()]
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1", errors="replace")
+
+
+def merge_sections(base: Sections, extra: Sections | None) -> Sections:
+    """``base`` updated with ``extra`` (section by section, key by key)."""
+    out = {k: dict(v) for k, v in base.items()}
+    for sec, entries in (extra or {}).items():
+        out.setdefault(sec, {}).update({str(k): str(v) for k, v in entries.items()})
+    return out

@@ -607,7 +607,7 @@ def _sitk_spacing(path: Path, spacing_mm: tuple[float, ...]) -> Spacing | None:
     except OSError:
         return None
     if name.endswith((".nii", ".nii.gz")):  # float32 in the header: drop the float noise
-        sp = [float(repr(np.float32(v))) for v in sp]
+        sp = [float(str(np.float32(v))) for v in sp]
     return (_um(sp[2]), _um(sp[1]), _um(sp[0]))
 
 

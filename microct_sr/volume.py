@@ -1099,3 +1099,21 @@ def write_volume(path: str | Path, array: np.ndarray, spacing_um: Spacing | None
         for z in range(0, array.shape[0], step):
             w.write(array[z:z + step])
     return Path(path)
+
+
+def describe(vol: Volume, samples: int = 3) -> dict:
+    """What ``microct-sr info`` prints: path, format, shape, dtype, spacing and its source, and
+    the value range over ``samples`` evenly spaced slices (first, middle, last)."""
+    n = len(vol)
+    zs = sorted({round(i * (n - 1) / max(1, samples - 1)) for i in range(samples)})
+    lo = hi = None
+    for z in zs:
+        s = vol[z]
+        lo = s.min() if lo is None else min(lo, s.min())
+        hi = s.max() if hi is None else max(hi, s.max())
+    cast = float if vol.dtype.kind == "f" else int
+    return {"path": str(vol.path), "format": vol.format, "shape": list(vol.shape),
+            "dtype": vol.dtype.name,
+            "spacing_um": None if vol.spacing_um is None else list(vol.spacing_um),
+            "spacing_source": vol.spacing_source,
+            "value_range": [cast(lo), cast(hi)], "value_range_slices": zs}

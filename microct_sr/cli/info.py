@@ -1,9 +1,44 @@
-"""`microct-sr info` (not implemented yet)."""
+"""``microct-sr info PATH``: what the volume reader understood about a scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
+from ._common import emit_json, json_option, spacing_option
+
+JSON_KEYS = ("path", "format", "shape", "dtype", "spacing_um", "spacing_source", "value_range")
+
 
 @click.command("info")
-def command() -> None:
-    """Not implemented yet."""
-    raise click.ClickException("'info' is not implemented yet")
+@click.argument("path", type=click.Path(path_type=Path))
+@spacing_option
+@json_option
+def command(path: Path, spacing_um: tuple[float, float, float] | None, as_json: bool) -> None:
+    """Print format, shape (z, y, x), dtype, value range of a sample and voxel size of PATH.
+
+    PATH is an NRecon folder, a folder of numbered slices, a TIFF/OME-TIFF, NIfTI, MHA/MHD,
+    NRRD file or a DICOM series folder.
+    """
+    from ..volume import describe, open_volume
+
+    with open_volume(path, spacing_um=spacing_um) as vol:
+        info = describe(vol)
+    if as_json:
+        emit_json({k: info[k] for k in JSON_KEYS})
+        return
+    sp = info["spacing_um"]
+    spacing = "unknown (pass --spacing-um)" if sp is None else \
+        " x ".join(f"{v:g}" for v in sp) + f" um  (from {info['spacing_source']})"
+    lines = [
+        ("path", info["path"]),
+        ("format", info["format"]),
+        ("shape (z, y, x)", " x ".join(str(n) for n in info["shape"])),
+        ("dtype", info["dtype"]),
+        ("value range", f"{info['value_range'][0]} .. {info['value_range'][1]}  "
+                        f"(slices {', '.join(map(str, info['value_range_slices']))})"),
+        ("spacing (z, y, x)", spacing),
+    ]
+    for key, value in lines:
+        click.echo(f"{key + ':':<19}{value}")

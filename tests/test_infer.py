@@ -1,0 +1,230 @@
+"""infer.upscale_volume: batching, tiling, precision, intensity window, threads.
+
+Uses in-memory stand-ins for the volume and the writer (``ArrayVolume``, ``CollectingWriter``)
+so the numerics are checked without file I/O; tests/test_upscale_cli.py covers real files.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from microct_sr import infer
+from microct_sr.errors import UserError
+from microct_sr.infer import (PrecisionState, output_geometry, ramp, resolve_window,
+                              sr_forward, tile_starts, upscale_volume)
+from microct_sr.models import build_model, preset
+
+
+class ArrayVolume:
+    """In-memory stand-in for volume.Volume (shape, dtype, read)."""
+
+    def __init__(self, array: np.ndarray, fail_at: int | None = None):
+        self.array, self.fail_at = array, fail_at
+        self.shape, self.dtype, self.spacing_um = array.shape, array.dtype, (80.0, 80.0, 80.0)
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        if self.fail_at is not None and z0 >= self.fail_at:
+            raise OSError("disk on fire")
+        self.reads.append((z0, z1))
+        return self.array[z0:z1].copy()
+
+
+class CollectingWriter:
+    """In-memory stand-in for volume.VolumeWriter: keeps what is written, in order."""
+
+    def __init__(self, fail: bool = False):
+        self.parts: list[np.ndarray] = []
+        self.fail = fail
+
+    def write(self, slices: np.ndarray) -> None:
+        if self.fail:
+            raise OSError("disk full")
+        self.parts.append(np.asarray(slices))
+
+    def result(self) -> np.ndarray:
+        return np.concatenate(self.parts)
+
+
+class NearestX8(nn.Module):
+    """A parameter-free 'model' that repeats each pixel 8x8: exposes the intensity mapping."""
+
+    config = preset("r2rcan", "tiny")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=8, mode="nearest")
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(preset("r2rcan", "tiny")).eval()
+
+
+def lr_volume(dtype, z=6, y=10, x=12, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    hi = np.iinfo(dtype).max if np.dtype(dtype).kind == "u" else 1.0
+    vol = rng.uniform(0, hi, (z, y, x))
+    return vol.astype(dtype) if np.dtype(dtype).kind == "u" else vol.astype(np.float32)
+
+
+def run(array, model=None, **kw):
+    intensity = kw.pop("intensity", {"window": [0, 255], "dtype": str(array.dtype)})
+    writer = CollectingWriter()
+    stats = upscale_volume(ArrayVolume(array), writer, model or tiny_model(),
+                           intensity=intensity, device="cpu", quiet=True, **kw)
+    return writer.result(), stats
+
+
+@pytest.mark.parametrize("dtype,window", [(np.uint8, [0, 255]), (np.uint16, [0, 65535])])
+def test_shape_and_dtype_kept(dtype, window):
+    vol = lr_volume(dtype)
+    out, stats = run(vol, intensity={"window": window, "dtype": np.dtype(dtype).name},
+                     batch_size=4)
+    assert out.shape == (6, 80, 96) and out.dtype == dtype
+    assert stats["slices"] == 6 and stats["precision"] == "fp32" and stats["device"] == "cpu"
+
+
+def test_output_geometry_keeps_z_and_divides_in_plane_spacing():
+    assert output_geometry((500, 160, 160), (80.0, 80.0, 80.0), 8) == \
+        ((500, 1280, 1280), (80.0, 10.0, 10.0))
+    assert output_geometry((3, 4, 5), None, 8) == ((3, 32, 40), None)
+
+
+def test_window_maps_back_to_input_units():
+    """Nearest-neighbour 'model': values inside the window come back exactly, outside clipped."""
+    vol = np.full((3, 4, 5), 2000, np.uint16)
+    vol[0, 0, 0], vol[1, 1, 1], vol[2, 2, 2] = 1000, 3000, 60000
+    out, stats = run(vol, model=NearestX8(), window=(1000, 3000),
+                     intensity={"window": [0, 255], "dtype": "uint8"})
+    assert stats["window"] == [1000.0, 3000.0]
+    assert out.dtype == np.uint16
+    expect = np.clip(vol, 1000, 3000).repeat(8, 1).repeat(8, 2)
+    np.testing.assert_array_equal(out, expect)
+
+
+def test_checkpoint_window_rescaled_for_other_integer_dtype(caplog):
+    with caplog.at_level(logging.WARNING):
+        lo, hi = resolve_window({"window": [0, 255], "dtype": "uint8"}, None, np.dtype("uint16"))
+    assert (lo, hi) == (0, 65535) and "--window" in caplog.text
+    assert resolve_window({"window": [10, 200], "dtype": "uint8"}, None, np.uint8) == (10, 200)
+    with pytest.raises(UserError, match="empty"):
+        resolve_window({"window": [0, 255], "dtype": "uint8"}, (5, 5), np.uint8)
+
+
+def test_batch_size_invariance():
+    vol = lr_volume(np.float32, z=5)
+    intensity = {"window": [0, 1], "dtype": "float32"}
+    a, _ = run(vol, batch_size=1, intensity=intensity)
+    b, _ = run(vol, batch_size=4, intensity=intensity)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_reads_in_z_batches_in_order():
+    vol = ArrayVolume(lr_volume(np.uint8, z=7))
+    writer = CollectingWriter()
+    upscale_volume(vol, writer, tiny_model(), intensity={"window": [0, 255], "dtype": "uint8"},
+                   batch_size=3, device="cpu", quiet=True)
+    assert vol.reads == [(0, 3), (3, 6), (6, 7)]
+    assert [len(p) for p in writer.parts] == [3, 3, 1]
+
+
+# Seam bound, relative to the output's range, for the tiny preset (random weights) on 40x40 LR
+# slices cut into 20 px tiles overlapping by 8: measured 0.6 % max, 0.02 % mean
+# (docs/upscale.md has the figures for the small preset).
+SEAM_MAX_REL, SEAM_MEAN_REL = 0.015, 5e-4
+
+
+def test_tiled_matches_untiled_within_seam_bound():
+    vol = lr_volume(np.float32, z=2, y=40, x=40, seed=3)
+    intensity = {"window": [0, 1], "dtype": "float32"}
+    whole, _ = run(vol, intensity=intensity)
+    tiled, _ = run(vol, intensity=intensity, tile=20, tile_overlap=8)
+    err = np.abs(tiled - whole) / np.ptp(whole)
+    assert err.max() < SEAM_MAX_REL and err.mean() < SEAM_MEAN_REL
+    assert err.max() > 0  # channel attention does see different statistics per tile
+
+
+def test_tile_geometry():
+    assert tile_starts(40, 16, 4) == [0, 12, 24]
+    assert tile_starts(10, 16, 4) == [0]
+    w = ramp(12, 8, lead=True, trail=False)  # 2 px at weight 0, ramp over 4 px, then 1
+    assert w[:2].eq(0).all() and w[6:].eq(1).all() and 0 < w[2] < w[3] < w[5] < 1
+    both = ramp(8, 8, lead=True, trail=True)
+    assert torch.allclose(both + both.flip(0), 2 * both)  # symmetric
+    a, b = ramp(16, 8, False, True)[8:], ramp(16, 8, True, False)[:8]
+    assert torch.allclose(a + b, torch.ones(8))  # two tiles overlapping by 8 sum to 1
+    assert ramp(8, 4, lead=False, trail=False).eq(1).all()
+
+
+def test_bad_tiling_options():
+    with pytest.raises(UserError, match="overlap"):
+        run(lr_volume(np.uint8), tile=8, tile_overlap=8)
+
+
+def nan_in_fp16_precision_step(model, x, precision):
+    """Test double of infer.forward_at_precision: fp16 'overflows' to NaN, fp32 is real."""
+    y = model(x)
+    return torch.full_like(y, float("nan")) if precision == "fp16" else y
+
+
+def test_nan_fp16_batch_recomputed_in_fp32_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(infer, "forward_at_precision", nan_in_fp16_precision_step)
+    vol = lr_volume(np.float32, z=5)
+    intensity = {"window": [0, 1], "dtype": "float32"}
+    ref, _ = run(vol, intensity=intensity, precision="fp32")
+    with caplog.at_level(logging.WARNING, logger="microct_sr.infer"):
+        out, stats = run(vol, intensity=intensity, precision="fp16", batch_size=2)
+    assert stats["fp16_fallbacks"] == 3
+    assert caplog.text.count("recomputing") == 1
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_sr_forward_fp32_never_checks_or_falls_back():
+    state = PrecisionState()
+    y = sr_forward(tiny_model(), torch.rand(1, 1, 4, 4), precision="fp32", state=state,
+                   step=nan_in_fp16_precision_step)
+    assert torch.isfinite(y).all() and state.fallbacks == 0
+
+
+def test_real_fp16_autocast_on_cpu_close_to_fp32():
+    """fp16 numerics for real (CPU autocast): convs run in half, result close to fp32."""
+    model = tiny_model()
+    dtypes = set()
+    model.head.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    vol = lr_volume(np.float32, z=2, y=8, x=8)
+    intensity = {"window": [0, 1], "dtype": "float32"}
+    fp16, s16 = run(vol, model=model, intensity=intensity, precision="fp16")
+    fp32, _ = run(vol, model=model, intensity=intensity, precision="fp32")
+    assert torch.float16 in dtypes and torch.float32 in dtypes
+    assert s16["precision"] == "fp16" and s16["fp16_fallbacks"] == 0
+    err = np.abs(fp16 - fp32)
+    assert 0 < err.max() < 2e-2
+
+
+def test_reader_error_propagates():
+    with pytest.raises(OSError, match="disk on fire"):
+        upscale_volume(ArrayVolume(lr_volume(np.uint8, z=8), fail_at=4), CollectingWriter(),
+                       tiny_model(), intensity={"window": [0, 255], "dtype": "uint8"},
+                       batch_size=2, device="cpu", quiet=True)
+
+
+def test_writer_error_propagates():
+    with pytest.raises(OSError, match="disk full"):
+        upscale_volume(ArrayVolume(lr_volume(np.uint8, z=8)), CollectingWriter(fail=True),
+                       tiny_model(), intensity={"window": [0, 255], "dtype": "uint8"},
+                       batch_size=2, device="cpu", quiet=True)
+
+
+def test_auto_device_and_precision_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only defaults; this machine has CUDA")
+    assert infer.resolve_device("auto").type == "cpu"
+    assert infer.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(UserError, match="CUDA"):
+        infer.resolve_device("cuda")

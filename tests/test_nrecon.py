@@ -1,0 +1,226 @@
+"""NRecon folders: log parsing (latin-1, undersampling, First Section, prefix) and slice reading."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from microct_sr import nrecon
+from microct_sr.errors import UserError
+from microct_sr.volume import open_volume, write_volume
+
+# Modelled on a real NRecon 1.7.4 log of a SkyScan 1272 scan: undersampling 2 makes the
+# reconstructed pixel (9.919978) twice the projection pixel (4.959989); the paths carry a
+# latin-1 'ü' (byte 0xFC, invalid UTF-8); an unknown [User] section must be tolerated.
+NRECON_17_LOG = """[System]
+Scanner=Skyscan1272
+Instrument S/N=16J04081
+Hardware version=A
+Software=Version 1. 1. 19
+Home directory=C:\\SkyScan1272
+Source Type=Hamamatsu L11871-20
+Camera=XIMEA xiRAY16
+Camera Pixel Size (um)=    7.4000
+CameraXYRatio=1.0000
+Incl.in lifting (um/mm)=-0.1185
+[User]
+User Name=USER
+Computer Name=SKYSCAN-PC
+[Acquisition]
+Data directory=D:\\Results\\Müller\\tibia_4
+Filename Prefix=tibia_4_
+Number Of Files= 1002
+Source Voltage (kV)=  60
+Source Current (uA)= 166
+Number of Rows= 1092
+Number of Columns= 1632
+Camera binning=2x2
+Image Rotation=0.0800
+Image Pixel Size (um)=4.959989
+Object to Source (mm)=57.700
+Camera to Source (mm)=259.93280
+Filter=Al 0.5mm
+Image Format=TIFF
+Depth (bits)=16
+Exposure (ms)=  850
+Rotation Step (deg)=0.200
+Frame Averaging=ON (4)
+Random Movement=ON (10)
+Use 360 Rotation=NO
+Study Date and Time=05 Mar 2019  14h:02m:36s
+[Reconstruction]
+Reconstruction Program=NRecon
+Program Version=Version: 1.7.4.2
+Reconstruction engine=InstaRecon
+Engine version=Version: 2.0.4.0
+Dataset Origin=Skyscan1272
+Dataset Prefix=tibia_4_
+Dataset Directory=D:\\Results\\Müller\\tibia_4
+Output Directory=D:\\Results\\Müller\\tibia_4\\Rec
+Time and Date=Mar 05, 2019  16:10:27
+First Section={first}
+Last Section={last}
+Reconstruction duration per slice (seconds)=0.041
+Total reconstruction time ({n} slices) in seconds=1.64
+Postalignment=-2.50
+Section to Section Step=1
+Sections Count={n}
+Result File Type={ftype}
+Result File Header Length (bytes)=1134
+Result Image Width (pixels)={w}
+Result Image Height (pixels)={h}
+Pixel Size (um)=9.919978
+Reconstruction Angular Range (deg)=200.40
+Use 180+=OFF
+Angular Step (deg)=0.2000
+Smoothing=2
+Ring Artifact Correction=10
+Filter cutoff relative to Nyquist frequency=100
+Filter type description=Hamming (Alpha=0.54)
+Undersampling factor=2
+Beam Hardening Correction (%)=30
+Minimum for CS to Image Conversion=0.000000
+Maximum for CS to Image Conversion=0.075000
+BMP LUT=0
+Cone-beam Angle Horiz.(deg)=11.287
+[File name convention]
+Filename Index Length=8
+Filename Prefix=tibia_4__rec
+"""
+
+
+def make_nrecon_folder(folder: Path, n: int = 12, first: int = 20, dtype=np.uint8,
+                       h: int = 40, w: int = 48, seed: int = 0) -> np.ndarray:
+    """Write a NRecon-like folder (8-bit palette BMP or 16-bit TIFF slices, latin-1 CRLF log,
+    one ``_spr`` preview) and return the volume it holds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    vol = rng.integers(0, np.iinfo(dtype).max, (n, h, w), dtype=dtype)
+    ext = "bmp" if dtype == np.uint8 else "tif"
+    for i, s in enumerate(vol):
+        name = folder / f"tibia_4__rec{first + i:08d}.{ext}"
+        if ext == "bmp":
+            ok, buf = cv2.imencode(".bmp", s)
+            assert ok
+            buf.tofile(name)
+        else:
+            tifffile.imwrite(name, s)
+    cv2.imwrite(str(folder / "tibia_4__rec_spr.bmp"), np.zeros((9, 7), np.uint8))
+    text = NRECON_17_LOG.format(first=first, last=first + n - 1, n=n, ftype=ext.upper(), w=w,
+                                h=h)
+    (folder / "tibia_4__rec.log").write_bytes(text.replace("\n", "\r\n").encode("latin-1"))
+    return vol
+
+
+def test_log_is_latin1_and_tolerant(tmp_path):
+    make_nrecon_folder(tmp_path / "rec", n=3)
+    raw = (tmp_path / "rec" / "tibia_4__rec.log").read_bytes()
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")  # the fixture really is non-UTF-8, like real logs
+    s = nrecon.parse_log(tmp_path / "rec" / "tibia_4__rec.log")
+    assert s["Acquisition"]["Data directory"] == "D:\\Results\\Müller\\tibia_4"
+    assert s["User"]["Computer Name"] == "SKYSCAN-PC"
+    assert s["Reconstruction"]["Filter type description"] == "Hamming (Alpha=0.54)"
+
+
+def test_log_pixel_size_is_reconstruction_not_projection(tmp_path):
+    make_nrecon_folder(tmp_path / "rec", n=3)
+    info = nrecon.read_log(tmp_path / "rec" / "tibia_4__rec.log")
+    assert info.undersampling == 2
+    assert info.projection_pixel_um == pytest.approx(4.959989)
+    assert info.pixel_size_um == pytest.approx(9.919978)
+    assert info.spacing_um == pytest.approx((9.919978,) * 3)
+    assert info.first_section == 20
+    assert info.prefix == "tibia_4__rec"
+
+
+def test_read_bmp_nrecon_folder(tmp_path):
+    vol = make_nrecon_folder(tmp_path / "rec", n=12, first=20)
+    bmp = tmp_path / "rec" / "tibia_4__rec00000020.bmp"
+    assert struct.unpack_from("<H", bmp.read_bytes(), 28)[0] == 8  # 8-bit palette BMP
+    v = open_volume(tmp_path / "rec")
+    assert v.format == "nrecon" and v.spacing_source == "nrecon-log"
+    assert v.shape == (12, 40, 48) and v.dtype == np.uint8
+    assert v.spacing_um == pytest.approx((9.919978,) * 3)
+    assert v.metadata["first_index"] == 20 and v.metadata["undersampling"] == 2
+    np.testing.assert_array_equal(v.read(0, 12), vol)  # the _spr preview was skipped
+    np.testing.assert_array_equal(v[-1], vol[-1])
+
+
+def test_read_16bit_tiff_nrecon_folder(tmp_path):
+    vol = make_nrecon_folder(tmp_path / "rec", n=5, dtype=np.uint16)
+    v = open_volume(tmp_path / "rec")
+    assert v.dtype == np.uint16 and v.shape == (5, 40, 48)
+    np.testing.assert_array_equal(v.read(1, 4), vol[1:4])
+    assert vol.max() > 255  # 16 bits really survive
+
+
+def test_open_via_log_file(tmp_path):
+    make_nrecon_folder(tmp_path / "rec", n=3)
+    v = open_volume(tmp_path / "rec" / "tibia_4__rec.log")
+    assert v.format == "nrecon" and len(v) == 3
+
+
+def test_first_section_mismatch_warns(tmp_path, caplog):
+    make_nrecon_folder(tmp_path / "rec", n=4, first=20)
+    (tmp_path / "rec" / "tibia_4__rec00000020.bmp").unlink()
+    with caplog.at_level(logging.WARNING):
+        v = open_volume(tmp_path / "rec")
+    assert len(v) == 3
+    assert "First Section=20" in caplog.text
+
+
+def test_gap_in_numbering_names_file(tmp_path):
+    make_nrecon_folder(tmp_path / "rec", n=6)
+    (tmp_path / "rec" / "tibia_4__rec00000023.bmp").unlink()
+    with pytest.raises(UserError, match=r"tibia_4__rec00000024\.bmp.*gap"):
+        open_volume(tmp_path / "rec")
+
+
+def test_undersampling_fallback_without_reconstruction_pixel(tmp_path):
+    make_nrecon_folder(tmp_path / "rec", n=2)
+    p = tmp_path / "rec" / "tibia_4__rec.log"
+    text = p.read_bytes().decode("latin-1").replace("Pixel Size (um)=9.919978\r\n", "")
+    p.write_bytes(text.encode("latin-1"))
+    info = nrecon.read_log(p)
+    assert info.spacing_um == pytest.approx((4.959989 * 2,) * 3)
+    assert info.notes
+
+
+def test_bad_number_in_log(tmp_path):
+    make_nrecon_folder(tmp_path / "rec", n=2)
+    p = tmp_path / "rec" / "tibia_4__rec.log"
+    text = p.read_bytes().decode("latin-1").replace("Pixel Size (um)=9.919978", "Pixel Size (um)=n/a")
+    p.write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError, match=r"tibia_4__rec\.log.*Pixel Size.*not a number"):
+        open_volume(tmp_path / "rec")
+
+
+def test_writer_log_round_trip(tmp_path):
+    a = np.arange(3 * 8 * 9, dtype=np.uint8).reshape(3, 8, 9)
+    write_volume(tmp_path / "lr", a, (80.0, 10.0, 10.0),
+                 nrecon_log={"Acquisition": {"Image Pixel Size (um)": "5.0"}})
+    names = sorted(p.name for p in (tmp_path / "lr").iterdir())
+    assert names == ["lr_rec.log", "lr_rec00000000.bmp", "lr_rec00000001.bmp",
+                     "lr_rec00000002.bmp"]
+    s = nrecon.parse_log(tmp_path / "lr" / "lr_rec.log")
+    assert float(s["Reconstruction"]["Pixel Size (um)"]) == 10.0
+    assert s["File name convention"]["Filename Prefix"] == "lr_rec"
+    assert s["Acquisition"]["Image Pixel Size (um)"] == "5.0"
+    v = open_volume(tmp_path / "lr")
+    assert v.spacing_um == (80.0, 10.0, 10.0)  # anisotropic z kept exactly
+    np.testing.assert_array_equal(v.read(0, 3), a)
+
+
+def test_writer_custom_prefix_and_16bit(tmp_path):
+    a = (np.arange(2 * 5 * 6, dtype=np.uint16) * 1000).reshape(2, 5, 6)
+    write_volume(tmp_path / "out", a, (3.0, 3.0, 3.0), nrecon_prefix="scan1_")
+    assert (tmp_path / "out" / "scan1_rec00000001.tif").is_file()
+    assert (tmp_path / "out" / "scan1_rec.log").is_file()
+    np.testing.assert_array_equal(open_volume(tmp_path / "out").read(0, 2), a)

@@ -1,9 +1,84 @@
-"""`microct-sr pair` (not implemented yet)."""
+"""`microct-sr pair LR HR OUT_DIR`: register a real LR/HR scan pair and cut training patches."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
 
 import click
 
+from ._common import emit_json, json_option, overwrite_option, parse_spacing, quiet_option
+
+log = logging.getLogger(__name__)
+
+
+def _spacing(ctx, param, value):
+    return parse_spacing(value)
+
+
+def default_scan_id(lr_path: str) -> str:
+    """The LR file or folder name without suffixes, reduced to letters, digits, '.', '_', '-'."""
+    name = Path(lr_path.rstrip("/")).name
+    for suf in (".gz", ".nii", ".ome", ".tiff", ".tif", ".mha", ".nrrd"):
+        if name.lower().endswith(suf):
+            name = name[: -len(suf)]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "scan"
+
 
 @click.command("pair")
-def command() -> None:
-    """Not implemented yet."""
-    raise click.ClickException("'pair' is not implemented yet")
+@click.argument("lr", type=click.Path(exists=True))
+@click.argument("hr", type=click.Path(exists=True))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--factor", default=8, show_default=True, type=click.IntRange(2, 32),
+              help="HR pixels per LR pixel (in-plane and in Z).")
+@click.option("--lr-patch", default=40, show_default=True, type=click.IntRange(4, 4096),
+              help="LR patch size in pixels (the HR patch is factor times larger).")
+@click.option("--method", type=click.Choice(["ransac", "two-point"]), default="ransac",
+              show_default=True,
+              help="ransac: robust fit over many slices (default); two-point: the paper's Eq. 1.")
+@click.option("--z-search", default=16, show_default=True, type=click.IntRange(0, 10000),
+              help="Search the Z offset within +-N HR slices.")
+@click.option("--min-ncc", default=0.5, show_default=True, type=click.FloatRange(-1, 1),
+              help="Keep pairs whose upsampled-LR vs HR patch NCC reaches this.")
+@click.option("--max-patches-per-slice", default=3, show_default=True,
+              type=click.IntRange(1, 10000))
+@click.option("--slices", "n_slices", default=24, show_default=True,
+              type=click.IntRange(1, 100000), help="LR slices sampled for the registration.")
+@click.option("--scan-id", default=None,
+              help="Names this scan's patches (default: the LR file/folder name); one per animal "
+                   "so that train can split by scan.")
+@click.option("--qc-png", is_flag=True, help="Write OUT_DIR/qc/<scan-id>.png (matches, overlay).")
+@click.option("--lr-spacing-um", callback=_spacing, default=None,
+              help="LR voxel size in um (one value or Z,Y,X); overrides the file's metadata.")
+@click.option("--hr-spacing-um", callback=_spacing, default=None,
+              help="HR voxel size in um (one value or Z,Y,X); overrides the file's metadata.")
+@click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 256),
+              help="Worker threads.")
+@click.option("--seed", default=0, show_default=True, type=int, help="RANSAC seed.")
+@overwrite_option
+@json_option
+@quiet_option
+def command(lr: str, hr: str, out_dir: str, factor: int, lr_patch: int, method: str,
+            z_search: int, min_ncc: float, max_patches_per_slice: int, n_slices: int,
+            scan_id: str | None, qc_png: bool, lr_spacing_um, hr_spacing_um, jobs: int,
+            seed: int, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Register LR to HR (rotation about Z, in-plane shift, Z offset) and cut LR/HR patch pairs
+    into OUT_DIR (lr/, hr/, pairs.csv, registration.json). See docs/pair.md."""
+    from ..pairing import pair_scans
+    from ..volume import open_volume
+
+    sid = scan_id if scan_id is not None else default_scan_id(lr)
+    with open_volume(lr, lr_spacing_um) as lv, open_volume(hr, hr_spacing_um) as hv:
+        res = pair_scans(lv, hv, out_dir, scan_id=sid, overwrite=overwrite, factor=factor,
+                         lr_patch=lr_patch, method=method, z_search=z_search, min_ncc=min_ncc,
+                         max_patches_per_slice=max_patches_per_slice, n_slices=n_slices,
+                         qc_png=qc_png, jobs=jobs, seed=seed, quiet=quiet)
+    reg = res["registration"]
+    if as_json:
+        emit_json(res)
+    else:
+        click.echo(f"{sid}: angle {reg['angle_deg']:.3f} deg, shift {reg['shift_um']} um, "
+                   f"Z offset {reg['z_offset_hr_slices']} HR slices, {reg['inliers']} inliers "
+                   f"on {len(reg['slices_used'])} slices; {res['patches']} patch pairs "
+                   f"(median NCC {res['median_ncc']:.3f}) -> {res['out_dir']}")

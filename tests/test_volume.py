@@ -1,0 +1,363 @@
+"""Volume readers and writers: round trips with spacing read back by tifffile and SimpleITK,
+lazy reading, atomic output, overwrite protection, dtype clipping, memory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import tifffile
+
+from microct_sr import volume
+from microct_sr.errors import UserError
+from microct_sr.volume import (create_volume_writer, open_volume, to_dtype, write_volume)
+
+SPACING = (7.5, 2.5, 2.0)  # (z, y, x) um, all different so axis mix-ups show
+
+
+def _vol(dtype=np.uint16, shape=(6, 20, 30), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        return rng.random(shape, dtype=np.float32).astype(dtype)
+    return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(volume.TMP_PREFIX))
+
+
+# ---------------------------------------------------------------------------------- to_dtype
+
+def test_to_dtype_clips_and_rounds_never_wraps():
+    x = np.array([-5.0, 0.4, 0.6, 254.5, 300.0, np.nan])
+    np.testing.assert_array_equal(to_dtype(x, np.uint8), [0, 0, 1, 254, 255, 0])
+    np.testing.assert_array_equal(to_dtype(np.array([-1, 70000]), np.uint16), [0, 65535])
+    np.testing.assert_array_equal(to_dtype(np.array([40000], np.uint16), np.int16), [32767])
+    assert to_dtype(np.array([1.5]), np.float32).dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_imagej_tiff_round_trip(tmp_path, dtype):
+    a = _vol(dtype)
+    p = write_volume(tmp_path / "v.tif", a, SPACING)
+    with tifffile.TiffFile(p) as tf:
+        assert tf.is_imagej and not tf.is_bigtiff
+        ij = tf.imagej_metadata
+        assert ij["unit"] == "um" and ij["spacing"] == pytest.approx(7.5)
+        assert ij["slices"] == 6
+        xr = tf.pages[0].tags["XResolution"].value
+        yr = tf.pages[0].tags["YResolution"].value
+        assert xr[1] / xr[0] == pytest.approx(2.0) and yr[1] / yr[0] == pytest.approx(2.5)
+        np.testing.assert_array_equal(tf.asarray(), a)
+    v = open_volume(p)
+    assert (v.format, v.spacing_source, v.dtype) == ("tiff", "tiff-imagej", np.dtype(dtype))
+    assert v.spacing_um == pytest.approx(SPACING)
+    np.testing.assert_array_equal(v.read(2, 5), a[2:5])
+    assert v._map is not None  # uncompressed stack is memory-mapped, not read whole
+
+
+def _ome_pixels(tf) -> dict:
+    root = ET.fromstring(tf.ome_metadata)
+    return next(el for el in root.iter() if el.tag.endswith("Pixels")).attrib
+
+
+def test_ome_tiff_round_trip_tifffile_and_sitk(tmp_path):
+    a = _vol(np.uint16)
+    p = write_volume(tmp_path / "v.ome.tif", a, SPACING)
+    with tifffile.TiffFile(p) as tf:
+        assert tf.is_ome
+        px = _ome_pixels(tf)
+        got = [float(px[f"PhysicalSize{k}"]) for k in "ZYX"]
+        assert got == pytest.approx(SPACING) and px["PhysicalSizeXUnit"] == "µm"
+    img = sitk.ReadImage(str(p))  # SimpleITK reads x/y from the cm resolution tags
+    assert img.GetSpacing()[:2] == pytest.approx((0.002, 0.0025))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), a)
+    v = open_volume(p)
+    assert v.format == "ome-tiff" and v.spacing_source == "tiff-ome"
+    assert v.spacing_um == pytest.approx(SPACING)
+
+
+@pytest.mark.parametrize("name", ["v.nii", "v.nii.gz", "v.mha", "v.nrrd"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_sitk_round_trip(tmp_path, name, dtype):
+    a = _vol(dtype)
+    p = write_volume(tmp_path / name, a, SPACING)
+    img = sitk.ReadImage(str(p))
+    assert img.GetSpacing() == pytest.approx((0.002, 0.0025, 0.0075))  # mm, (x, y, z)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), a)
+    v = open_volume(p)
+    assert v.format == "sitk" and v.spacing_source == "sitk-header" and v.dtype == dtype
+    assert v.spacing_um == pytest.approx(SPACING, rel=1e-6)
+    np.testing.assert_array_equal(v.read(1, 3), a[1:3])
+
+
+def test_nrecon_round_trip(tmp_path):
+    a = _vol(np.uint8)
+    write_volume(tmp_path / "scan", a, SPACING)
+    v = open_volume(tmp_path / "scan")
+    assert v.format == "nrecon" and v.spacing_um == SPACING
+    np.testing.assert_array_equal(v.read(0, 6), a)
+    img = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "scan" / "scan_rec00000003.bmp")))
+    for c in range(img.shape[-1]):  # ITK expands the gray palette to RGB
+        np.testing.assert_array_equal(img[..., c], a[3])
+
+
+def test_float32_tiff_and_unsupported_imagej_dtype(tmp_path, caplog):
+    f = _vol(np.float32)
+    v = open_volume(write_volume(tmp_path / "f.tif", f, SPACING))
+    assert v.dtype == np.float32 and v.spacing_source == "tiff-imagej"
+    i32 = np.arange(2 * 3 * 4, dtype=np.int32).reshape(2, 3, 4)
+    with caplog.at_level(logging.WARNING):
+        v = open_volume(write_volume(tmp_path / "i.tif", i32, SPACING))
+    assert "OME-TIFF" in caplog.text and v.format == "ome-tiff"
+    np.testing.assert_array_equal(v.read(0, 2), i32)
+
+
+def test_bigtiff_ome_above_threshold(tmp_path, monkeypatch, caplog):
+    a = _vol(np.uint16)
+    monkeypatch.setattr(volume, "BIGTIFF_THRESHOLD", a.nbytes - 1)
+    with caplog.at_level(logging.WARNING):
+        p = write_volume(tmp_path / "big.tif", a, SPACING)
+    assert "BigTIFF" in caplog.text
+    with tifffile.TiffFile(p) as tf:
+        assert tf.is_bigtiff and tf.is_ome and not tf.is_imagej
+        px = _ome_pixels(tf)
+        assert [float(px[f"PhysicalSize{k}"]) for k in "ZYX"] == pytest.approx(SPACING)
+        np.testing.assert_array_equal(tf.asarray(), a)
+    monkeypatch.setattr(volume, "BIGTIFF_THRESHOLD", a.nbytes)
+    with tifffile.TiffFile(write_volume(tmp_path / "small.tif", a, SPACING)) as tf:
+        assert tf.is_imagej and not tf.is_bigtiff
+
+
+def test_slice_by_slice_and_blocks(tmp_path):
+    a = _vol(np.uint16, shape=(7, 9, 11))
+    with create_volume_writer(tmp_path / "v.tif", a.shape, a.dtype, SPACING) as w:
+        w.write(a[0])
+        w.write(a[1:4])
+        for s in a[4:]:
+            w.write(s)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "v.tif"), a)
+
+
+def test_writer_clips_foreign_dtype(tmp_path):
+    x = np.array([[[-3.0, 12.4, 300.0]]])
+    with create_volume_writer(tmp_path / "w.tif", x.shape, np.uint8, None) as w:
+        w.write(x)  # float into a uint8 writer: clipped and rounded
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "w.tif"), [[0, 12, 255]])
+
+
+def test_compressed_tiff_read_by_pages(tmp_path):
+    a = _vol(np.uint8, shape=(5, 16, 16))
+    tifffile.imwrite(tmp_path / "z.tif", a, compression="zlib")
+    v = open_volume(tmp_path / "z.tif")
+    assert v._map is None and v.spacing_um is None and v.spacing_source == "unknown"
+    np.testing.assert_array_equal(v.read(1, 4), a[1:4])
+
+
+def test_tiff_resolution_cm_spacing(tmp_path):
+    a = _vol(np.uint8, shape=(3, 8, 8))
+    tifffile.imwrite(tmp_path / "r.tif", a, resolution=(1e4 / 5.0, 1e4 / 5.0),
+                     resolutionunit="CENTIMETER", photometric="minisblack")
+    v = open_volume(tmp_path / "r.tif")
+    assert v.spacing_source == "tiff-resolution" and v.spacing_um == pytest.approx((5.0,) * 3)
+
+
+# ---------------------------------------------------------------------------------- folders
+
+def test_numbered_png_folder_natural_order(tmp_path):
+    a = _vol(np.uint16, shape=(12, 10, 14))
+    for i, s in enumerate(a):
+        cv2.imwrite(str(tmp_path / f"img{i + 1}.png"), s)  # img1..img12, no zero padding
+    v = open_volume(tmp_path)
+    assert v.format == "slices" and v.dtype == np.uint16 and v.spacing_um is None
+    np.testing.assert_array_equal(v.read(0, 12), a)
+
+
+def test_rgb_slices_with_equal_channels_are_gray(tmp_path):
+    a = _vol(np.uint8, shape=(3, 6, 7))
+    for i, s in enumerate(a):
+        cv2.imwrite(str(tmp_path / f"s_{i:03d}.png"), np.dstack([s, s, s]))
+    np.testing.assert_array_equal(open_volume(tmp_path).read(0, 3), a)
+
+
+def test_spacing_override_and_unknown_warning(tmp_path, caplog):
+    a = _vol(np.uint8, shape=(2, 6, 7))
+    tifffile.imwrite(tmp_path / "plain.tif", a)
+    with caplog.at_level(logging.WARNING):
+        v = open_volume(tmp_path / "plain.tif")
+    assert v.spacing_um is None and "plain.tif" in caplog.text and "unknown" in caplog.text
+    v = open_volume(tmp_path / "plain.tif", spacing_um=(3.0, 1.0, 1.0))
+    assert v.spacing_um == (3.0, 1.0, 1.0) and v.spacing_source == "user"
+
+
+def test_dicom_series_folder(tmp_path):
+    a = _vol(np.int16, shape=(4, 8, 9)) // 4
+    for i, s in enumerate(a):
+        img = sitk.GetImageFromArray(s)
+        img.SetSpacing((0.02, 0.03))
+        img.SetOrigin((0.0, 0.0, 0.05 * i))
+        img.SetMetaData("0020|0032", f"0\\0\\{0.05 * i}")
+        img.SetMetaData("0020|0013", str(i + 1))
+        img.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")
+        img.SetMetaData("0008|0060", "CT")
+        img.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.2")
+        img.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{i + 1}")
+        w = sitk.ImageFileWriter()
+        w.KeepOriginalImageUIDOn()
+        w.SetFileName(str(tmp_path / f"slice{i:03d}.dcm"))
+        w.Execute(img)
+    v = open_volume(tmp_path)
+    assert v.format == "sitk" and v.shape == (4, 8, 9)
+    assert v.metadata["files"] == 4
+    assert v.spacing_um == pytest.approx((50.0, 30.0, 20.0))
+    np.testing.assert_array_equal(v.read(0, 4), a)
+
+
+# ---------------------------------------------------------------------------------- atomicity
+
+@pytest.mark.parametrize("name", ["v.tif", "v.ome.tif", "v.nii.gz", "scan"])
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_write_leaves_nothing(tmp_path, name, exc):
+    a = _vol(np.uint8)
+    with pytest.raises(exc):
+        with create_volume_writer(tmp_path / name, a.shape, a.dtype, SPACING) as w:
+            w.write(a[:3])
+            if not name.endswith(".nii.gz"):  # SimpleITK writers buffer until close()
+                assert _leftovers(tmp_path)  # the temporary output exists while writing
+            raise exc()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_short_write_is_an_error_and_leaves_nothing(tmp_path):
+    w = create_volume_writer(tmp_path / "v.tif", (4, 5, 6), np.uint8, None)
+    w.write(np.zeros((3, 5, 6), np.uint8))
+    with pytest.raises(ValueError, match="wrote 3 of 4"):
+        w.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_leaves_nothing(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time, numpy as np
+        from microct_sr.volume import create_volume_writer
+        with create_volume_writer({str(tmp_path / 'v.tif')!r}, (1000, 8, 8), np.uint8, None) as w:
+            print("started", flush=True)
+            for i in range(1000):
+                w.write(np.zeros((8, 8), np.uint8)); time.sleep(0.01)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert os.listdir(tmp_path) == []
+
+
+def test_overwrite_protection(tmp_path):
+    a = _vol(np.uint8)
+    p = write_volume(tmp_path / "v.tif", a, SPACING)
+    with pytest.raises(UserError, match=r"v\.tif: already exists; pass --overwrite"):
+        write_volume(p, a[::-1], SPACING)
+    np.testing.assert_array_equal(tifffile.imread(p), a)
+    write_volume(p, a[::-1], SPACING, overwrite=True)
+    np.testing.assert_array_equal(tifffile.imread(p), a[::-1])
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_nrecon_folder_and_refuse_foreign(tmp_path):
+    a = _vol(np.uint8)
+    write_volume(tmp_path / "scan", a, SPACING)
+    write_volume(tmp_path / "scan", a[:2], SPACING, overwrite=True)
+    assert len(open_volume(tmp_path / "scan")) == 2
+    assert sorted(os.listdir(tmp_path)) == ["scan"]
+    (tmp_path / "scan" / "notes.docx").write_text("mine")
+    with pytest.raises(UserError, match="refusing to replace"):
+        write_volume(tmp_path / "scan", a, SPACING, overwrite=True)
+    assert (tmp_path / "scan" / "notes.docx").exists()
+
+
+def test_unsupported_output_suffix(tmp_path):
+    with pytest.raises(UserError, match=r"out\.xyz.*unsupported output format"):
+        create_volume_writer(tmp_path / "out.xyz", (1, 2, 2), np.uint8, None)
+
+
+# ---------------------------------------------------------------------------------- real data
+
+def test_real_lhdl_tiff(shared_data):
+    v = open_volume(shared_data / "bone" / "lhdl_3155_D_4_bc.tif")
+    assert v.shape == (200, 200, 200) and v.dtype == np.uint8
+    assert v.spacing_um == pytest.approx((19.5, 19.5, 19.5)) and v.spacing_source == "tiff-imagej"
+    s = v.read(100, 102)
+    assert s.shape == (2, 200, 200) and s.std() > 10  # real bone, not blank
+
+
+def test_real_nrrd_without_spacing(shared_data, caplog):
+    files = sorted((shared_data / "bone" / "vertebra_rois").glob("*.nrrd"))
+    assert files, "vertebra ROIs missing from shared data"
+    with caplog.at_level(logging.WARNING):
+        v = open_volume(files[0])
+    assert v.shape == (300, 300, 300) and v.spacing_um is None
+    assert files[0].name in caplog.text
+    shrew = open_volume(shared_data / "bone" / "bonejh_shrew_trab_4p1um_binary.nrrd")
+    assert shrew.spacing_um == pytest.approx((4.1, 4.1, 4.1))
+
+
+# ---------------------------------------------------------------------------------- memory
+
+_MEM_SCRIPT = """
+import resource, sys, tracemalloc, numpy as np
+from microct_sr.volume import open_volume
+v = open_volume(sys.argv[1])
+v[0]  # imports and first-read buffers are the baseline
+tracemalloc.start()  # numpy reports its array buffers to tracemalloc
+if sys.argv[2] == "whole":  # control: what reading it all at once costs
+    total = int(v.read(0, len(v)).sum(dtype=np.int64))
+else:
+    total = sum(int(v[z].sum(dtype=np.int64)) for z in range(len(v)))
+peak = tracemalloc.get_traced_memory()[1]
+print(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, total)
+"""
+
+
+def _peak_bytes(folder: Path, mode: str = "slices") -> tuple[int, int]:
+    """(peak traced allocation while reading, peak RSS of the process) in bytes, measured in
+    a fresh process."""
+    out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(folder), mode], check=True,
+                         capture_output=True, text=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def test_memory_does_not_grow_with_slice_count(tmp_path):
+    """Reading a 400-slice folder slice by slice peaks within a few MiB of a 40-slice one; the
+    whole volume (400 x 384 x 384 x 2 B = 113 MiB) would show, as the control proves."""
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 65535, (384, 384), dtype=np.uint16)
+    for n, name in [(40, "small"), (400, "large")]:
+        with create_volume_writer(tmp_path / name, (n, 384, 384), np.uint16, SPACING) as w:
+            for _ in range(n):
+                w.write(s)
+    small, rss_small = _peak_bytes(tmp_path / "small")
+    large, rss_large = _peak_bytes(tmp_path / "large")
+    whole, rss_whole = _peak_bytes(tmp_path / "large", "whole")
+    mib = 1 / 2**20
+    print(f"\npeak allocation while reading: 40 slices {small * mib:.2f} MiB, 400 slices "
+          f"{large * mib:.2f} MiB, control (400 at once) {whole * mib:.1f} MiB; process peak RSS "
+          f"{rss_small * mib:.0f} / {rss_large * mib:.0f} / {rss_whole * mib:.0f} MiB")
+    assert whole > 100 * 2**20  # the measurement does see a whole-volume read
+    assert large < small + 2 * 2**20  # 400 slices cost what 40 do (one slice is 0.28 MiB)
+    assert rss_large < rss_small + 16 * 2**20

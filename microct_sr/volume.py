@@ -382,10 +382,14 @@ class TiffVolume(Volume):
         import tifffile
 
         try:
-            self._tf = tifffile.TiffFile(path)
-            series = self._tf.series[0]
+            with _TifffileErrors() as errors:
+                self._tf = tifffile.TiffFile(path)
+                series = self._tf.series[0]
         except Exception as e:  # noqa: BLE001
             raise UserError(f"not a readable TIFF ({type(e).__name__}: {e})", path) from None
+        if errors.messages:
+            self._tf.close()
+            raise UserError(f"corrupt or truncated TIFF ({errors.messages[0]})", path)
         self.format = "ome-tiff" if self._tf.is_ome else "tiff"
         self._series = series
         shape, self._rgb = self._shape(series, path)
@@ -439,10 +443,13 @@ class TiffVolume(Volume):
             flat = self._map.reshape((-1, ny, nx))
             return np.array(flat[z0:z1], dtype=self.dtype.newbyteorder("="))
         try:
-            data = self._tf.asarray(key=range(z0, z1), series=0)
+            with _TifffileErrors() as errors:
+                data = self._tf.asarray(key=range(z0, z1), series=0)
         except Exception as e:  # noqa: BLE001 - corrupt strips
             raise UserError(f"cannot read pages {z0}..{z1 - 1} ({type(e).__name__}: {e})",
                             self.path) from None
+        if errors.messages:
+            raise UserError(f"corrupt pages {z0}..{z1 - 1} ({errors.messages[0]})", self.path)
         if self._rgb:
             data = data.reshape((-1, ny, nx, data.shape[-1]))
             return np.stack([_gray(s, self.path) for s in data])
@@ -451,6 +458,30 @@ class TiffVolume(Volume):
     def close(self) -> None:
         self._map = None
         self._tf.close()
+
+
+class _TifffileErrors(logging.Handler):
+    """Collects what tifffile logs at ERROR level (it logs, rather than raises, on corrupt or
+    truncated files) and keeps it off the console while active."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("tifffile")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        self.messages.append(msg.split("> ", 1)[-1].strip() if "> " in msg else msg.strip())
+
+    def __enter__(self) -> "_TifffileErrors":
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._propagate
 
 
 def _tiff_spacing(tf: Any, path: Path) -> tuple[Spacing | None, str]:
@@ -573,6 +604,8 @@ class SitkVolume(Volume):
         if self._array is None:
             import SimpleITK as sitk
 
+            if self.path.name.lower().endswith((".nii", ".nii.gz")):
+                _check_nifti_complete(self.path, int(np.prod(self.shape)) * self.dtype.itemsize)
             try:
                 img = self._reader.Execute()
             except RuntimeError as e:
@@ -582,6 +615,41 @@ class SitkVolume(Volume):
 
     def close(self) -> None:
         self._array = None
+
+
+def _check_nifti_complete(path: Path, nbytes: int) -> None:
+    """ITK reads truncated NIfTI files without complaint: check the size (and the gzip stream)."""
+    import gzip
+    import zlib
+
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                head = f.read(540)
+                size = len(head)
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(540)
+            size = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as e:
+        raise UserError(f"corrupt or truncated NIfTI ({e})", path) from None
+    offset = _nifti_vox_offset(head)
+    if size < offset + nbytes:
+        raise UserError(f"truncated NIfTI: {size} bytes, the header needs {offset + nbytes}",
+                        path)
+
+
+def _nifti_vox_offset(head: bytes) -> int:
+    """Data offset from a NIfTI-1 or NIfTI-2 header (either byte order); 352 if unclear."""
+    for order in "<>":
+        sizeof_hdr = struct.unpack_from(order + "i", head, 0)[0] if len(head) >= 4 else 0
+        if sizeof_hdr == 348 and len(head) >= 112:
+            return max(348, int(struct.unpack_from(order + "f", head, 108)[0]))
+        if sizeof_hdr == 540 and len(head) >= 176:
+            return max(540, int(struct.unpack_from(order + "q", head, 168)[0]))
+    return 352
 
 
 def _first_line(e: Exception) -> str:

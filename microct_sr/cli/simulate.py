@@ -1,9 +1,88 @@
-"""`microct-sr simulate` (not implemented yet)."""
+"""`microct-sr simulate HR LR_OUT`: the LR scan a scanner would give of an HR volume."""
+
+from __future__ import annotations
 
 import click
 
+from ._common import emit_json, json_option, overwrite_option, quiet_option, spacing_option
+
 
 @click.command("simulate")
-def command() -> None:
-    """Not implemented yet."""
-    raise click.ClickException("'simulate' is not implemented yet")
+@click.argument("hr", type=click.Path(exists=True, dir_okay=True, path_type=str))
+@click.argument("lr_out", type=click.Path(path_type=str))
+@click.option("--factor", type=int, default=8, show_default=True,
+              help="Downsampling factor in x, y and z.")
+@click.option("--views", type=int, default=225, show_default=True,
+              help="Projections over 360 degrees.")
+@click.option("--photons", type=float, default=None,
+              help="Open-beam photons per LR detector pixel per view; 'inf' = noiseless. "
+                   "Default ~9931: an HR scan of 900 views x 464 ms rescaled to 225 views x "
+                   "40 ms (see docs/simulate.md).")
+@click.option("--smoothing", type=float, default=0.5, show_default=True,
+              help="Gaussian smoothing sigma in LR pixels after reconstruction (0: none).")
+@click.option("--filter", "filter_name", default="hamming", show_default=True,
+              type=click.Choice(["hamming", "shepp-logan", "cosine", "hann", "ramp"]),
+              help="Reconstruction filter window on the ramp.")
+@click.option("--rotation", "rotation", type=float, default=None,
+              help="Object rotation in degrees about the field centre (+x towards +y, i.e. "
+                   "clockwise on screen); see simulation.json 'conventions'.")
+@click.option("--shift-um", "shift_um", type=float, nargs=2, default=None,
+              help="Object shift X Y in um after the rotation (+x right, +y down).")
+@click.option("--random-motion", is_flag=True,
+              help="Draw rotation (+-10 deg) and shift (+-3 LR pixels) from --seed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise and motion seed.")
+@click.option("--format", "fmt", type=click.Choice(["nrecon", "tif"]), default="nrecon",
+              show_default=True, help="NRecon-style slice folder or one multi-page TIFF.")
+@click.option("--name", default=None, help="File name prefix (default: LR_OUT's name).")
+@click.option("--window", type=float, nargs=2, default=None,
+              help="Gray window LO HI mapped to attenuation 0 .. --attenuation "
+                   "(default: 0 for unsigned data .. the 99.9th percentile).")
+@click.option("--attenuation", "attenuation_per_cm", type=float, default=4.0,
+              show_default=True, help="Attenuation (1/cm) at the window's top gray value.")
+@click.option("--proj-pitch", "proj_pitch", type=int, default=2, show_default=True,
+              help="Forward-projection pitch in HR pixels (1 = full HR resolution, slower).")
+@spacing_option
+@overwrite_option
+@json_option
+@quiet_option
+def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None,
+            smoothing: float, filter_name: str, rotation: float | None,
+            shift_um: tuple[float, float] | None, random_motion: bool, seed: int, fmt: str,
+            name: str | None, window: tuple[float, float] | None, attenuation_per_cm: float,
+            proj_pitch: int, spacing_um, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Simulate the LR micro-CT scan of the HR volume HR into the folder LR_OUT.
+
+    Parallel-beam projection with the object moved rigidly, detector binning, Poisson noise,
+    filtered back-projection onto the LR grid, smoothing. The truth (motion, noise, grid) is
+    written to LR_OUT/simulation.json.
+    """
+    from ..errors import UserError
+    from ..simulate import DEFAULT_PHOTONS, SimParams, random_motion as draw_motion, \
+        simulate_volume
+    from ..volume import open_volume
+
+    if random_motion and (rotation is not None or shift_um is not None):
+        raise UserError("give either --random-motion or --rotation/--shift-um, not both")
+    params = SimParams(factor=factor, views=views,
+                       photons=DEFAULT_PHOTONS if photons is None else photons,
+                       smoothing=smoothing, filter=filter_name, rotation_deg=rotation or 0.0,
+                       shift_um=tuple(shift_um) if shift_um else (0.0, 0.0), seed=seed,
+                       window=tuple(window) if window else None,
+                       attenuation_per_cm=attenuation_per_cm, proj_pitch=proj_pitch)
+    params.validate()
+    with open_volume(hr, spacing_um=spacing_um) as vol:
+        if random_motion:
+            sp = spacing_um or vol.spacing_um
+            if sp is None:
+                raise UserError("has no voxel size in its metadata; give --spacing-um", hr)
+            params.rotation_deg, params.shift_um = draw_motion(seed, sp[2] * factor)
+        truth = simulate_volume(vol, lr_out, params, spacing_um=spacing_um, fmt=fmt,
+                                name=name, overwrite=overwrite, quiet=quiet,
+                                random_motion_used=random_motion)
+    if as_json:
+        emit_json(truth)
+    else:
+        click.echo(f"{truth['output']}: LR scan {tuple(truth['lr_shape'])} at "
+                   f"{truth['lr_spacing_um'][2]:g} um, rotation {truth['rotation_deg']:g} deg, "
+                   f"shift {truth['shift_um']} um, {truth['seconds']:.1f} s "
+                   f"(truth: {lr_out}/simulation.json)")

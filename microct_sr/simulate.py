@@ -1,0 +1,435 @@
+"""Scanner simulation: an HR micro-CT volume -> the LR scan a micro-CT scanner would give.
+
+Per LR slice (see docs/simulate.md for the full model and the conventions):
+
+1. average the ``factor`` HR slices the LR slice covers (LR slice k <- HR slices [fk, fk+f));
+2. map gray values to linear attenuation: ``mu = mu_hi * max(g - lo, 0) / (hi - lo)`` with the
+   gray window ``(lo, hi)`` and ``mu_hi = attenuation_per_cm`` (1/cm) at the window's top;
+3. rigid in-plane motion of the object (rotation about the centre of the field, then shift);
+4. parallel-beam forward projection over 360 degrees with ``views`` equally spaced views
+   (ray-driven, bilinear sampling, at a projection pitch of ``proj_pitch`` HR pixels);
+5. detector binning: ``factor`` HR-pitch detector pixels -> one LR detector pixel by averaging
+   the transmitted intensity ``exp(-p)`` (not the line integrals);
+6. Poisson noise with ``photons`` counts per LR detector pixel per view for the open beam, -log;
+7. filtered back-projection (ramp filter times the chosen window) onto the LR grid;
+8. Gaussian smoothing (``smoothing`` LR pixels), back to gray values with the same window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+FILTERS = ("hamming", "shepp-logan", "cosine", "hann", "ramp")
+
+# Default photon count: see docs/simulate.md ("Photon count"). An HR scan at 900 views x 464 ms
+# with HR_PHOTONS_PER_PIXEL open-beam counts per 10 um detector pixel per view; the LR scan
+# (225 views x 40 ms) bins 8 x 8 such pixels (8 in-plane, 8 slices) per LR detector pixel:
+HR_PHOTONS_PER_PIXEL = 1800.0
+HR_EXPOSURE_MS, LR_EXPOSURE_MS = 464.0, 40.0
+HR_VIEWS, LR_VIEWS = 900, 225
+DEFAULT_PHOTONS = HR_PHOTONS_PER_PIXEL * 8 * 8 * LR_EXPOSURE_MS / HR_EXPOSURE_MS  # 9931
+
+RANDOM_ROTATION_DEG = 10.0     # --random-motion: rotation uniform in [-10, 10] degrees
+RANDOM_SHIFT_LR_PX = 3.0       # and each shift component uniform in [-3, 3] LR pixels
+
+CONVENTIONS = (
+    "Arrays are (z, y, x); x = column index (increasing to the right), y = row index (increasing "
+    "downwards), both in the slice plane. The motion maps an HR point to its LR position: "
+    "p_lr = R(rotation_deg) (p_hr - c) + c + shift_um, with p = (x, y) in micrometres from the "
+    "corner of the first pixel, c = the centre of the slice field of view (x_size/2, y_size/2) "
+    "(HR and LR fields of view are the same physical square), and R(a) = [[cos a, -sin a], "
+    "[sin a, cos a]] acting on (x, y): a positive rotation_deg turns +x towards +y, i.e. "
+    "CLOCKWISE as displayed with y pointing down. shift_um = [x, y] is applied after the "
+    "rotation, in the same (HR = LR) frame: +x moves the object right, +y moves it down. "
+    "Undo: p_hr = R(-rotation_deg) (p_lr - c - shift_um) + c. The rotation axis is z; there is "
+    "no z motion: LR slice k covers HR slices [factor*k, factor*k + factor) (the last LR slice "
+    "averages the HR slices that remain). LR pixel (i, j) covers HR pixels "
+    "[factor*i, factor*i+factor) x [factor*j, factor*j+factor) of the motionless object."
+)
+
+
+@dataclass
+class SimParams:
+    """Parameters of one simulated scan (see the module docstring and docs/simulate.md)."""
+
+    factor: int = 8
+    views: int = LR_VIEWS
+    photons: float | None = DEFAULT_PHOTONS    # None or inf: noiseless
+    smoothing: float = 0.5                      # Gaussian sigma in LR pixels (0: none)
+    filter: str = "hamming"
+    rotation_deg: float = 0.0
+    shift_um: tuple[float, float] = (0.0, 0.0)  # (x, y)
+    seed: int = 0
+    window: tuple[float, float] | None = None   # gray (lo, hi); None: from the data
+    attenuation_per_cm: float = 4.0             # mu at the window's top, 1/cm
+    proj_pitch: int = 2                         # forward-projection pitch in HR pixels
+
+    def validate(self) -> None:
+        """Raise UserError for impossible values."""
+        if self.factor < 1:
+            raise UserError(f"--factor must be >= 1, got {self.factor}")
+        if self.views < 2:
+            raise UserError(f"--views must be >= 2, got {self.views}")
+        if self.photons is not None and not (self.photons > 0):
+            raise UserError(f"--photons must be > 0 (photons per detector pixel per view), "
+                            f"got {self.photons}")
+        if self.smoothing < 0:
+            raise UserError(f"--smoothing must be >= 0, got {self.smoothing}")
+        if self.filter not in FILTERS:
+            raise UserError(f"--filter must be one of {', '.join(FILTERS)}, got {self.filter!r}")
+        if self.proj_pitch < 1 or self.factor % self.proj_pitch:
+            raise UserError(f"projection pitch {self.proj_pitch} must divide the factor "
+                            f"{self.factor}")
+        if self.window is not None and not self.window[1] > self.window[0]:
+            raise UserError(f"window {self.window}: the high end must exceed the low end")
+        if not self.attenuation_per_cm > 0:
+            raise UserError(f"attenuation must be > 0 1/cm, got {self.attenuation_per_cm}")
+
+    @property
+    def noiseless(self) -> bool:
+        return self.photons is None or math.isinf(self.photons)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def _detector(hr_shape: tuple[int, int], params: SimParams, spacing_xy_um: float
+              ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(LR bins, fine detector offsets t, ray samples s), both in HR pixels from the centre.
+
+    The detector covers the field's diagonal plus the shift; LR bin centres are symmetric
+    about the rotation centre; each LR bin holds factor/proj_pitch fine bins."""
+    ny, nx = hr_shape
+    f, r = params.factor, params.proj_pitch
+    reach = 0.5 * math.hypot(ny, nx) + math.hypot(*params.shift_um) / spacing_xy_um
+    n_bins = 2 * int(math.ceil(reach / f)) + 2
+    n_fine = n_bins * (f // r)
+    t = (torch.arange(n_fine, dtype=torch.float64) - (n_fine - 1) / 2) * r
+    n_s = int(math.ceil(2 * reach / r)) + 2
+    s = (torch.arange(n_s, dtype=torch.float64) - (n_s - 1) / 2) * r
+    return n_bins, t, s
+
+
+def _shift_px(params: SimParams, spacing_xy_um: float) -> tuple[float, float]:
+    return (params.shift_um[0] / spacing_xy_um, params.shift_um[1] / spacing_xy_um)
+
+
+def _view_grids(hr_shape: tuple[int, int], params: SimParams, spacing_xy_um: float,
+                views: np.ndarray, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Sampling grid (len(views), n_s, n_t, 2) in grid_sample units for the moved object.
+
+    A ray of view angle phi at detector offset t passes through p = t e + s e_perp
+    (e = (cos phi, sin phi)); the moved object at p is the unmoved object at
+    q = R(-a) (p - d) = t e' + s e'_perp - R(-a) d with e' = e(phi - a): we sample there.
+    """
+    ny, nx = hr_shape
+    a = math.radians(params.rotation_deg)
+    dx, dy = _shift_px(params, spacing_xy_um)
+    ox = math.cos(a) * dx + math.sin(a) * dy          # R(-a) d
+    oy = -math.sin(a) * dx + math.cos(a) * dy
+    # grid_sample(align_corners=False): -1/+1 are the outer edges of the image
+    sx, sy = 2.0 / nx, 2.0 / ny
+    grid = torch.empty(len(views), len(s), len(t), 2, dtype=torch.float32)
+    tf, sf = t.to(torch.float32), s.to(torch.float32)
+    for i, phi in enumerate(views):
+        c, sn = math.cos(phi - a), math.sin(phi - a)
+        torch.sub((tf * (c * sx) - ox * sx)[None, :], (sf * (sn * sx))[:, None],
+                  out=grid[i, :, :, 0])
+        torch.add((tf * (sn * sy) - oy * sy)[None, :], (sf * (c * sy))[:, None],
+                  out=grid[i, :, :, 1])
+    return grid
+
+
+# ----------------------------------------------------------------------------- physics steps
+
+def gray_to_mu(gray: np.ndarray, window: tuple[float, float], mu_hi_per_um: float) -> np.ndarray:
+    """Linear attenuation (1/um) from gray values: lo -> 0, hi -> mu_hi, below lo -> 0."""
+    lo, hi = window
+    return (np.maximum(gray.astype(np.float32) - lo, 0.0) * (mu_hi_per_um / (hi - lo))
+            ).astype(np.float32)
+
+
+def mu_to_gray(mu: np.ndarray, window: tuple[float, float], mu_hi_per_um: float) -> np.ndarray:
+    """Inverse of :func:`gray_to_mu` (no clipping: negative mu gives gray below lo)."""
+    lo, hi = window
+    return (lo + mu * ((hi - lo) / mu_hi_per_um)).astype(np.float32)
+
+
+def forward_project(mu: np.ndarray, params: SimParams, spacing_xy_um: float) -> np.ndarray:
+    """Transmitted intensity per LR detector bin, (views, n_bins), of the moved object.
+
+    ``mu`` is one (y, x) attenuation slice at HR pitch (1/um). Line integrals are sampled at
+    ``proj_pitch`` HR pixels on an area-downsampled copy of ``mu``, turned into transmission
+    exp(-p) and averaged over the factor/proj_pitch sub-bins of each LR detector pixel.
+    """
+    ny, nx = mu.shape
+    r = params.proj_pitch
+    img = mu if r == 1 else mu.reshape(ny // r, r, nx // r, r).mean(axis=(1, 3))
+    n_bins, t, s = _detector((ny, nx), params, spacing_xy_um)
+    sub, chunk = params.factor // r, 8
+    angles = 2 * np.pi * np.arange(params.views) / params.views
+    inp = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    step_um = r * spacing_xy_um
+    trans = torch.empty(params.views, n_bins, dtype=torch.float64)
+    for v0 in range(0, params.views, chunk):
+        ang = angles[v0:v0 + chunk]
+        grid = _view_grids((ny, nx), params, spacing_xy_um, ang, t, s)
+        samples = F.grid_sample(inp.expand(len(ang), 1, *img.shape), grid, mode="bilinear",
+                                padding_mode="zeros", align_corners=False)
+        p = samples[:, 0].sum(dim=1).to(torch.float64) * step_um       # (n, n_fine)
+        trans[v0:v0 + len(ang)] = torch.exp(-p).reshape(len(ang), n_bins, sub).mean(2)
+    return trans.numpy()
+
+
+def add_noise(trans: np.ndarray, photons: float | None, rng: np.random.Generator) -> np.ndarray:
+    """Line integrals -log(I / I0) after Poisson counting (counts clamped to >= 1)."""
+    if photons is None or math.isinf(photons):
+        return -np.log(np.maximum(trans, 1e-30))
+    counts = rng.poisson(photons * trans).astype(np.float64)
+    return -np.log(np.maximum(counts, 1.0) / photons)
+
+
+def _filter_response(n_pad: int, name: str) -> np.ndarray:
+    """Ramp filter (Kak & Slaney's spatial form, unit pitch) times a window, rfft layout."""
+    n = np.concatenate([np.arange(0, n_pad // 2 + 1), np.arange(-(n_pad // 2) + 1, 0)])
+    h = np.zeros(n_pad)
+    h[0] = 0.25
+    odd = n % 2 == 1
+    h[odd] = -1.0 / (np.pi * n[odd]) ** 2
+    ramp = np.abs(np.fft.rfft(h))
+    fn = np.fft.rfftfreq(n_pad) * 2.0            # 0 .. 1 (1 = Nyquist)
+    window = {
+        "ramp": np.ones_like(fn),
+        "shepp-logan": np.sinc(fn / 2.0),
+        "cosine": np.cos(np.pi * fn / 2.0),
+        "hamming": 0.54 + 0.46 * np.cos(np.pi * fn),
+        "hann": 0.5 + 0.5 * np.cos(np.pi * fn),
+    }[name]
+    return ramp * window
+
+
+def fbp(sino: np.ndarray, out_shape: tuple[int, int], pitch_px: float, bin_um: float,
+        filter_name: str) -> np.ndarray:
+    """Filtered back-projection of a 360-degree parallel-beam sinogram (views, n_bins).
+
+    Detector bin centres are symmetric about the rotation centre, which is the centre of the
+    output grid; ``pitch_px`` is the output pixel size in detector bins (1 for the LR grid),
+    ``bin_um`` the detector pitch in um. Returns mu in 1/um on ``out_shape``.
+    """
+    n_views, n_bins = sino.shape
+    n_pad = max(64, 1 << int(math.ceil(math.log2(2 * n_bins))))
+    resp = _filter_response(n_pad, filter_name)
+    q = np.fft.irfft(np.fft.rfft(sino, n=n_pad, axis=1) * resp, n=n_pad, axis=1)[:, :n_bins]
+    q = torch.from_numpy(q / bin_um)
+    ny, nx = out_shape
+    y = (torch.arange(ny, dtype=torch.float64) + 0.5 - ny / 2) * pitch_px
+    x = (torch.arange(nx, dtype=torch.float64) + 0.5 - nx / 2) * pitch_px
+    ang = torch.as_tensor(2 * np.pi * np.arange(n_views) / n_views)
+    out = torch.zeros(ny * nx, dtype=torch.float64)
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    xx, yy = xx.reshape(-1), yy.reshape(-1)
+    for v0 in range(0, n_views, 32):
+        c, sn = torch.cos(ang[v0:v0 + 32])[:, None], torch.sin(ang[v0:v0 + 32])[:, None]
+        u = xx[None] * c + yy[None] * sn + (n_bins - 1) / 2          # (views, pixels)
+        i0 = u.floor().clamp(0, n_bins - 2)
+        w = u - i0
+        i0 = i0.long()
+        qv = q[v0:v0 + 32]
+        out += (torch.gather(qv, 1, i0) * (1 - w) + torch.gather(qv, 1, i0 + 1) * w).sum(0)
+    return (out * (np.pi / n_views)).reshape(ny, nx).numpy()
+
+
+# ----------------------------------------------------------------------------- one slice
+
+def simulate_slab(hr_slab: np.ndarray, params: SimParams, hr_spacing_um: tuple[float, float, float],
+                  rng: np.random.Generator, window: tuple[float, float] | None = None
+                  ) -> np.ndarray:
+    """One LR slice (float32 gray values) from the (n <= factor, y, x) HR slab it covers."""
+    window = window or params.window
+    if window is None:
+        raise ValueError("simulate_slab needs a gray window (params.window or window=)")
+    if hr_slab.ndim == 2:
+        hr_slab = hr_slab[None]
+    f = params.factor
+    _, ny, nx = hr_slab.shape
+    if ny % f or nx % f:
+        raise UserError(f"slice size {ny} x {nx} is not divisible by the factor {f}")
+    sxy = float(hr_spacing_um[2])
+    mu_hi = params.attenuation_per_cm * 1e-4
+    mu = gray_to_mu(hr_slab.astype(np.float32).mean(axis=0), window, mu_hi)
+    trans = forward_project(mu, params, sxy)
+    sino = add_noise(trans, None if params.noiseless else params.photons, rng)
+    rec = fbp(sino, (ny // f, nx // f), 1.0, f * sxy, params.filter)
+    if params.smoothing > 0:
+        rec = ndimage.gaussian_filter(rec, params.smoothing, mode="nearest")
+    return mu_to_gray(rec, window, mu_hi)
+
+
+# ----------------------------------------------------------------------------- whole volume
+
+def default_window(hr: Any, n_sample: int = 16) -> tuple[float, float]:
+    """Gray window (lo, hi): lo = 0 for unsigned integers (else the 0.1th percentile),
+    hi = the 99.9th percentile of up to ``n_sample`` evenly spaced slices."""
+    nz = hr.shape[0]
+    idx = np.unique(np.linspace(0, nz - 1, min(n_sample, nz)).round().astype(int))
+    sample = np.stack([np.asarray(hr[int(i)]) for i in idx])
+    if np.issubdtype(sample.dtype, np.unsignedinteger):
+        lo = 0.0
+    else:
+        lo = float(np.percentile(sample, 0.1))
+    hi = float(np.percentile(sample, 99.9))
+    if not hi > lo:
+        hi = lo + 1.0
+    return (lo, hi)
+
+
+def random_motion(seed: int, lr_pixel_um: float) -> tuple[float, tuple[float, float]]:
+    """(rotation_deg, (shift_x_um, shift_y_um)) drawn from ``seed``: rotation uniform in
+    +-RANDOM_ROTATION_DEG, each shift component uniform in +-RANDOM_SHIFT_LR_PX LR pixels."""
+    rng = np.random.default_rng([seed, 7919])
+    rot = float(rng.uniform(-RANDOM_ROTATION_DEG, RANDOM_ROTATION_DEG))
+    sx, sy = rng.uniform(-RANDOM_SHIFT_LR_PX, RANDOM_SHIFT_LR_PX, size=2) * lr_pixel_um
+    return round(rot, 4), (round(float(sx), 3), round(float(sy), 3))
+
+
+def check_input(shape: tuple[int, ...], factor: int, path: Any) -> None:
+    """UserError for a 2D input or an in-plane size the factor does not divide."""
+    if len(shape) != 3 or shape[0] < 2:
+        raise UserError(f"is 2D (shape {tuple(shape)}); simulate needs a 3D volume "
+                        "(z, y, x) with at least 2 slices", path)
+    _, ny, nx = shape
+    if ny % factor or nx % factor:
+        raise UserError(f"slice size {ny} x {nx} (y x x) is not divisible by --factor "
+                        f"{factor}; crop it to a multiple of {factor} first", path)
+
+
+def photons_note() -> str:
+    """Why the default photon count is what it is (also written into simulation.json)."""
+    return (f"default photons = {HR_PHOTONS_PER_PIXEL:g} open-beam photons per 10 um HR "
+            f"detector pixel per {HR_EXPOSURE_MS:g} ms view (assumed HR scan: {HR_VIEWS} views x "
+            f"{HR_EXPOSURE_MS:g} ms) x 64 (an LR detector pixel bins 8 x 8 HR pixels: 8 in the "
+            f"slice, 8 slices) x {LR_EXPOSURE_MS:g}/{HR_EXPOSURE_MS:g} (exposure per view) = "
+            f"{DEFAULT_PHOTONS:.0f} per LR detector pixel per view; the LR scan has "
+            f"{LR_VIEWS}/{HR_VIEWS} of the views, so its total dose per area is "
+            f"{LR_VIEWS * LR_EXPOSURE_MS / (HR_VIEWS * HR_EXPOSURE_MS):.4f} of the HR scan's "
+            "(1/46.4). See docs/simulate.md.")
+
+
+def simulate_volume(hr: Any, out: str | Path, params: SimParams, *,
+                    spacing_um: tuple[float, float, float] | None = None, fmt: str = "nrecon",
+                    name: str | None = None, overwrite: bool = False, quiet: bool = False,
+                    random_motion_used: bool = False) -> dict:
+    """Simulate the LR scan of the HR ``Volume`` ``hr`` into the folder ``out``.
+
+    ``fmt="nrecon"``: ``out`` becomes an NRecon-style folder ``<name>_rec%08d.bmp|tif`` +
+    ``<name>_rec.log``; ``fmt="tif"``: ``out/<name>.tif`` (multi-page). Either way
+    ``out/simulation.json`` holds the truth. Returns that truth (plus output paths, timing).
+    """
+    from .progress import progress
+    from .volume import create_volume_writer, to_dtype
+
+    params.validate()
+    out = Path(out)
+    check_input(tuple(hr.shape), params.factor, hr.path)
+    spacing = spacing_um or hr.spacing_um
+    if spacing is None:
+        raise UserError("has no voxel size in its metadata; give --spacing-um", hr.path)
+    if abs(spacing[1] - spacing[2]) > 1e-3 * spacing[2]:
+        raise UserError(f"in-plane voxel size {spacing[1]} x {spacing[2]} um is not square; "
+                        "the simulation needs square pixels", hr.path)
+    f = params.factor
+    nz, ny, nx = hr.shape
+    lr_shape = (-(-nz // f), ny // f, nx // f)
+    lr_spacing = tuple(float(s) * f for s in spacing)
+    window = params.window or default_window(hr)
+    dtype = np.dtype(hr.dtype)
+    name = name or out.name
+    if fmt not in ("nrecon", "tif"):
+        raise UserError(f"--format must be nrecon or tif, got {fmt!r}")
+    truth = _truth(params, window, spacing, lr_spacing, hr, lr_shape, random_motion_used)
+    if fmt == "nrecon":
+        target = out
+        kw = dict(nrecon_prefix=f"{name}_", nrecon_log=_nrecon_log(params))
+    else:
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise UserError("exists and is not empty; use --overwrite to replace it", out)
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / f"{name}.tif"
+        kw = {}
+    t0 = time.perf_counter()
+    writer = create_volume_writer(target, lr_shape, dtype, lr_spacing, overwrite=overwrite,
+                                  description=f"microct-sr simulate: LR scan of {hr.path}", **kw)
+    with writer:
+        for k in progress(range(lr_shape[0]), desc="simulate", quiet=quiet, unit="slice"):
+            slab = hr.read(k * f, min(nz, (k + 1) * f))
+            lr = simulate_slab(slab, params, spacing, np.random.default_rng([params.seed, k]),
+                               window)
+            writer.write(to_dtype(lr, dtype)[None])
+        truth["seconds"] = round(time.perf_counter() - t0, 2)
+        truth["output"] = str(target)
+        if hasattr(writer, "add_file"):     # NRecon folder: inside the atomic rename
+            writer.add_file("simulation.json", json.dumps(truth, indent=2) + "\n")
+    if not hasattr(writer, "add_file"):
+        _write_json_atomic(out / "simulation.json", truth)
+    return truth
+
+
+def _truth(params: SimParams, window: tuple[float, float], spacing: tuple[float, ...],
+           lr_spacing: tuple[float, ...], hr: Any, lr_shape: tuple[int, ...],
+           random_motion_used: bool) -> dict:
+    """The ``simulation.json`` document."""
+    return {
+        "factor": params.factor, "views": params.views,
+        "photons": None if params.noiseless else float(params.photons),
+        "photons_note": photons_note(),
+        "smoothing": params.smoothing, "filter": params.filter,
+        "rotation_deg": float(params.rotation_deg),
+        "shift_um": [float(params.shift_um[0]), float(params.shift_um[1])],
+        "random_motion": random_motion_used, "seed": params.seed,
+        "hr_spacing_um": [float(s) for s in spacing], "lr_spacing_um": list(lr_spacing),
+        "hr_shape": [int(s) for s in hr.shape], "lr_shape": list(lr_shape),
+        "hr_path": str(hr.path), "hr_dtype": str(np.dtype(hr.dtype)),
+        "window": [float(window[0]), float(window[1])],
+        "attenuation_per_cm": params.attenuation_per_cm,
+        "projection": (f"parallel beam, {params.views} views over 360 degrees, ray-driven "
+                       f"bilinear projector at {params.proj_pitch} HR pixel pitch, detector "
+                       f"bins of {params.factor} HR pixels averaging exp(-p)"),
+        "proj_pitch_hr_px": params.proj_pitch,
+        "conventions": CONVENTIONS,
+    }
+
+
+def _nrecon_log(params: SimParams) -> dict:
+    """Extra NRecon log entries (the writer adds pixel size, file names, sections)."""
+    filt = {"hamming": "Hamming (Alpha=0.54)", "hann": "Hann", "cosine": "Cosine",
+            "shepp-logan": "Shepp-Logan", "ramp": "Ramp (no window)"}[params.filter]
+    return {
+        "Acquisition": {"Number of Files": params.views,
+                        "Rotation Step (deg)": f"{360.0 / params.views:.6f}",
+                        "Use 360 Rotation": "YES"},
+        "Reconstruction": {"Filter type description": filt,
+                           "Smoothing": 1 if params.smoothing > 0 else 0,
+                           "Smoothing kernel": "2 (Gaussian)",
+                           "Smoothing sigma (pixels)": f"{params.smoothing:g}",
+                           "Simulated": "YES (microct-sr simulate; truth in simulation.json)"},
+    }
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

@@ -19,6 +19,8 @@ import datetime as _dt
 import os
 import pickle
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -92,15 +94,20 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError("model file not found" if not path.exists() else "not a file", path)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; so does save_model
+        raise UserError("not a readable PyTorch model file (truncated, or another format: "
+                        "not the zip archive torch.save writes)", path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError("not a microct-sr model file (it holds Python objects that a model "
-                        f"file never contains; refusing to unpickle them): {_first_line(e)}",
-                        path) from None
+                        "file never contains; refusing to unpickle them): "
+                        f"{_reason(e)}", path) from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... here
-        raise UserError("not a readable PyTorch model file (truncated or another format?): "
-                        f"{_first_line(e)}", path) from None
+        raise UserError("not a readable PyTorch model file (truncated or corrupt?): "
+                        f"{_reason(e)}", path) from None
     _validate(ckpt, path)
     return ckpt
 
@@ -108,6 +115,15 @@ def load_checkpoint(path: str | Path) -> dict:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of a torch.load error (its first lines are generic advice)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("Trying to load", "Unsupported", "Unpickler error")):
+            return ln
+    return lines[-1] if lines else type(e).__name__
 
 
 def _validate(ckpt: Any, path: Path) -> None:

@@ -327,9 +327,13 @@ def _open_nrecon(folder: Path, log_path: Path) -> Volume:
     info = nrecon.read_log(log_path)
     indexed = nrecon.find_slices(folder, info)
     if not indexed:
-        raise UserError(f"NRecon log {log_path.name} found but no slices named "
-                        f"'{info.prefix or log_path.stem}{'#' * info.index_length}.bmp/tif/png'",
-                        folder)
+        indexed = numbered_slices(folder)
+        if not indexed:
+            raise UserError(f"NRecon log {log_path.name} found but no slices named "
+                            f"'{info.prefix or log_path.stem}{'#' * info.index_length}"
+                            ".bmp/tif/png'", folder)
+        log.warning("%s: no slices named after the log's prefix %r; reading the numbered "
+                    "series %s... instead", folder, info.prefix, indexed[0][1].name)
     _check_numbering(indexed, 1 if _steps_are_unit(indexed) else info.section_step)
     if info.first_section is not None and indexed[0][0] != info.first_section:
         log.warning("%s: first slice %s is number %d but the log says First Section=%d",
@@ -339,11 +343,21 @@ def _open_nrecon(folder: Path, log_path: Path) -> Volume:
     if info.spacing_um is None:
         log.warning("%s: no pixel size in the NRecon log; voxel size unknown (use --spacing-um)",
                     log_path)
-    meta = {"nrecon_log": str(log_path), "log": info.sections,
+    vol = SliceFolderVolume(folder, [p for _, p in indexed], "nrecon", info.spacing_um,
+                            "nrecon-log", _nrecon_meta(info, indexed))
+    rec = info.sections.get("Reconstruction", {})
+    logged = (rec.get("Result Image Height (pixels)"), rec.get("Result Image Width (pixels)"))
+    if all(v and v.strip().isdigit() for v in logged) and \
+            tuple(int(v) for v in logged) != vol.shape[1:]:  # type: ignore[union-attr]
+        log.warning("%s: slices are %dx%d but the log says %sx%s", folder, vol.shape[2],
+                    vol.shape[1], logged[1], logged[0])
+    return vol
+
+
+def _nrecon_meta(info: nrecon.NReconLog, indexed: list[tuple[int, Path]]) -> dict:
+    return {"nrecon_log": str(info.path), "log": info.sections,
             "first_index": indexed[0][0], "prefix": info.prefix,
             "undersampling": info.undersampling, "projection_pixel_um": info.projection_pixel_um}
-    return SliceFolderVolume(folder, [p for _, p in indexed], "nrecon", info.spacing_um,
-                             "nrecon-log", meta)
 
 
 def _steps_are_unit(indexed: list[tuple[int, Path]]) -> bool:
@@ -842,6 +856,7 @@ class VolumeWriter:
         _check_target(self.path, overwrite, folder=self.kind == "nrecon")
         self.tmp = self.path.parent / f"{TMP_PREFIX}{os.getpid()}-{self.path.name}"
         _remove(self.tmp)
+        _remove_stale(self.path)
         _register(self)
 
     # subclasses: _open(), _write(block), _finish()
@@ -951,6 +966,26 @@ def _remove(p: Path) -> None:
             pass
 
 
+def _remove_stale(final: Path) -> None:
+    """Remove temporary outputs for ``final`` left by killed processes (SIGKILL, power loss)."""
+    pat = re.compile(rf"^{re.escape(TMP_PREFIX)}(?:old-)?(\d+)-{re.escape(final.name)}$")
+    for p in final.parent.iterdir():
+        m = pat.match(p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            log.info("removing %s left by an interrupted run", p)
+            _remove(p)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing folder is swapped out first, then removed."""
     if tmp.is_dir() and final.is_dir():
@@ -963,7 +998,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-class TiffWriter(VolumeWriter):
+class TiffVolumeWriter(VolumeWriter):
     """ImageJ hyperstack TIFF (spacing + unit um, X/YResolution in px/um), or BigTIFF with
     OME-XML PhysicalSize in um when forced (``.ome.tif``) or above :data:`BIGTIFF_THRESHOLD`.
     The header is written first with the final shape; slices are then written in place."""
@@ -1151,7 +1186,7 @@ def create_volume_writer(path: str | Path, shape: tuple[int, int, int], dtype: A
         return NReconWriter(path, shape, dtype, spacing_um, overwrite, nrecon_prefix,
                             nrecon_log)
     if kind in ("tiff", "ome"):
-        return TiffWriter(path, shape, dtype, spacing_um, overwrite, ome=kind == "ome",
+        return TiffVolumeWriter(path, shape, dtype, spacing_um, overwrite, ome=kind == "ome",
                           description=description)
     return SitkWriter(path, shape, dtype, spacing_um, overwrite)
 

@@ -361,3 +361,52 @@ def test_memory_does_not_grow_with_slice_count(tmp_path):
     assert whole > 100 * 2**20  # the measurement does see a whole-volume read
     assert large < small + 2 * 2**20  # 400 slices cost what 40 do (one slice is 0.28 MiB)
     assert rss_large < rss_small + 16 * 2**20
+
+
+# ---------------------------------------------------------------------------------- more TIFF
+
+@pytest.mark.parametrize("unit, factor", [("micron", 1.0), ("\\u00B5m", 1.0), ("um", 1.0),
+                                          ("mm", 1000.0), ("nm", 0.001)])
+def test_imagej_units(tmp_path, unit, factor):
+    a = _vol(np.uint8, shape=(3, 8, 8))
+    tifffile.imwrite(tmp_path / "u.tif", a, imagej=True, resolution=(1 / 0.5, 1 / 0.25),
+                     metadata={"spacing": 2.0, "unit": unit, "axes": "ZYX"})
+    v = open_volume(tmp_path / "u.tif")
+    assert v.spacing_source == "tiff-imagej"
+    assert v.spacing_um == pytest.approx((2.0 * factor, 0.25 * factor, 0.5 * factor))
+
+
+def test_imagej_without_unit_is_unknown(tmp_path):
+    tifffile.imwrite(tmp_path / "p.tif", _vol(np.uint8, shape=(3, 8, 8)), imagej=True,
+                     metadata={"axes": "ZYX"})
+    v = open_volume(tmp_path / "p.tif")
+    assert v.spacing_um is None and v.spacing_source == "unknown"
+
+
+def test_multichannel_tiff_is_rejected(tmp_path):
+    tifffile.imwrite(tmp_path / "c.tif", np.zeros((3, 2, 8, 8), np.uint8), imagej=True,
+                     metadata={"axes": "ZCYX"})
+    with pytest.raises(UserError, match=r"c\.tif.*more than one non-spatial"):
+        open_volume(tmp_path / "c.tif")
+
+
+def test_stale_temp_from_killed_run_is_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f"{volume.TMP_PREFIX}{dead}-v.tif"
+    stale.write_bytes(b"partial")
+    alive = tmp_path / f"{volume.TMP_PREFIX}{os.getppid()}-v.tif"  # a live process's: kept
+    alive.write_bytes(b"partial")
+    write_volume(tmp_path / "v.tif", _vol(np.uint8), SPACING)
+    assert not stale.exists() and alive.exists()
+
+
+def test_nrecon_log_with_renamed_slices_falls_back(tmp_path, caplog):
+    a = _vol(np.uint8, shape=(3, 6, 7))
+    write_volume(tmp_path / "scan", a, SPACING)
+    for p in (tmp_path / "scan").glob("*.bmp"):
+        p.rename(p.with_name(p.name.replace("scan_rec", "renamed_")))
+    with caplog.at_level(logging.WARNING):
+        v = open_volume(tmp_path / "scan")
+    assert v.format == "nrecon" and v.spacing_um == SPACING and "renamed_" in caplog.text
+    np.testing.assert_array_equal(v.read(0, 3), a)

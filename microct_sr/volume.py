@@ -820,7 +820,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _register(writer: "VolumeWriter") -> None:
     global _PREV_SIGTERM
-    if not _ACTIVE and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is not _on_sigterm:
         try:
             _PREV_SIGTERM = signal.signal(signal.SIGTERM, _on_sigterm)
         except (ValueError, OSError):
@@ -906,10 +907,6 @@ class VolumeWriter:
         finally:
             _remove(self.tmp)
             _unregister(self)
-
-    def add_file(self, name: str, data: bytes | str) -> None:
-        """Folder writers: put an extra file (e.g. ``simulation.json``) into the output."""
-        raise TypeError(f"{type(self).__name__} writes a single file; cannot add {name}")
 
     def _write(self, block: np.ndarray) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -1108,6 +1105,8 @@ class NReconWriter(VolumeWriter):
                                  metadata=md if imagej else None)
 
     def add_file(self, name: str, data: bytes | str) -> None:
+        """Put an extra file (e.g. ``simulation.json``) into the folder; it appears with the
+        slices at the atomic rename. Only folder writers have this method."""
         if self.closed:
             raise RuntimeError(f"writer for {self.path} is closed")
         payload = data.encode() if isinstance(data, str) else data

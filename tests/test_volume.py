@@ -410,3 +410,27 @@ def test_nrecon_log_with_renamed_slices_falls_back(tmp_path, caplog):
         v = open_volume(tmp_path / "scan")
     assert v.format == "nrecon" and v.spacing_um == SPACING and "renamed_" in caplog.text
     np.testing.assert_array_equal(v.read(0, 3), a)
+
+
+def test_only_folder_writers_take_extra_files(tmp_path):
+    a = _vol(np.uint8, shape=(2, 4, 4))
+    with create_volume_writer(tmp_path / "scan", a.shape, a.dtype, SPACING) as w:
+        w.write(a)
+        w.add_file("simulation.json", '{"factor": 8}\n')
+        assert not (tmp_path / "scan").exists()  # appears only with the rename
+    assert json.loads((tmp_path / "scan" / "simulation.json").read_text()) == {"factor": 8}
+    single = create_volume_writer(tmp_path / "v.tif", a.shape, a.dtype, SPACING)
+    assert not hasattr(single, "add_file")  # callers test for it (simulate.py)
+    single.abort()
+
+
+def test_sigterm_handler_restored_after_writers(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    w1 = create_volume_writer(tmp_path / "a.tif", (1, 2, 2), np.uint8, None)
+    w2 = create_volume_writer(tmp_path / "b.tif", (1, 2, 2), np.uint8, None)
+    assert signal.getsignal(signal.SIGTERM) is volume._on_sigterm
+    w1.abort()
+    assert signal.getsignal(signal.SIGTERM) is volume._on_sigterm  # w2 still open
+    w2.write(np.zeros((2, 2), np.uint8))
+    w2.close()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -136,7 +136,9 @@ class VGGPerceptualLoss(nn.Module):
     def __init__(self, weights: Path | str, layers: dict[int, float] | None = None):
         super().__init__()
         self.layers = dict(PERCEPTUAL_LAYERS if layers is None else layers)
-        self.features = _vgg19_features(max(self.layers) + 1)
+        with torch.random.fork_rng(devices=[]):  # same random init in every run (tests)
+            torch.manual_seed(0)
+            self.features = _vgg19_features(max(self.layers) + 1)
         if str(weights) == TEST_ONLY_RANDOM_VGG:
             log.warning("perceptual loss uses RANDOM VGG19 weights (test-only switch)")
         else:

@@ -1,0 +1,615 @@
+"""Two-stage training (Yu et al. 2022, sec. 2.4 and 3.2): ``psnr`` (L1) then ``gan``
+(L1 + 0.1 RaGAN + 0.5 VGG19 perceptual, U-Net discriminator), with atomic checkpoints, exact
+resume, validation PSNR, a CSV log, DDP under torchrun and AMP on CUDA.
+
+Layout of RUN_DIR::
+
+    split.json                     train/val/test scan ids
+    train_log.csv                  iteration, losses, lr, val PSNR, it/s, data-wait fraction
+    checkpoints/iter_XXXXXXXX.pt   training state (model file + "train_state")
+    model.pt                       the final model file (``upscale --model`` takes it)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_checkpoint, load_model, save_model
+from .data import (SPLIT_FILE, IterationBatchSampler, PatchDataset, estimate_window, load_split,
+                   make_split, read_pairs, save_split)
+from .errors import UserError
+from .losses import (VGGPerceptualLoss, l1_loss, ragan_d_loss, ragan_g_loss,
+                     resolve_vgg_weights)
+from .models import ARCHS, ModelConfig, build_model, preset
+from .models.discriminator import UNetDiscriminatorSN
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+STAGES = ("psnr", "gan")
+CKPT_DIR = "checkpoints"
+LOG_FILE = "train_log.csv"
+MODEL_FILE = "model.pt"
+LOG_COLUMNS = ["iteration", "loss", "l1", "gan", "percep", "d_loss", "lr", "val_psnr",
+               "bicubic_psnr", "it_per_s", "data_wait", "skipped"]
+
+# Schedule presets. "paper" is sec. 3.2: batch 64, 300k psnr + 150k gan iterations.
+# "small" is a CPU-sized run (the issue's measurement: 4000 iterations of batch 16);
+# "tiny" is for tests.
+TRAIN_PRESETS: dict[str, dict] = {
+    "paper": dict(iters_psnr=300_000, iters_gan=150_000, batch_size=64, val_every=5000,
+                  save_every=5000, disc_feats=64),
+    "small": dict(iters_psnr=4000, iters_gan=2000, batch_size=16, val_every=250,
+                  save_every=500, disc_feats=32),
+    "tiny": dict(iters_psnr=20, iters_gan=10, batch_size=4, val_every=10, save_every=10,
+                 disc_feats=8),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``None`` fields take the value of the schedule preset."""
+
+    data: list[str]
+    out: str
+    stage: str = "psnr"
+    arch: str = "r2rcan"
+    preset: str = "paper"
+    model_overrides: dict = field(default_factory=dict)
+    iters: int | None = None
+    batch_size: int | None = None
+    lr: float = 1e-4
+    lr_step: int = 100_000              # halve the learning rate every lr_step iterations
+    lr_gamma: float = 0.5
+    betas: tuple[float, float] = (0.9, 0.999)
+    w_pix: float = 1.0                  # L = w_pix L1 + w_gan L_G + w_percep L_percep
+    w_gan: float = 0.1
+    w_percep: float = 0.5
+    disc_feats: int | None = None
+    init: str | None = None
+    resume: bool = False
+    val_every: int | None = None
+    save_every: int | None = None
+    keep: int = 3
+    val_patches: int = 256
+    log_every: int = 10
+    max_bad_steps: int = 10             # consecutive non-finite losses before stopping
+    workers: int = 2
+    device: str = "auto"
+    amp: bool | None = None             # None: on for CUDA
+    seed: int = 0
+    deterministic: bool = False
+    vgg_weights: str | None = None      # losses.TEST_ONLY_RANDOM_VGG only in tests
+    split_file: str | None = None
+    window: tuple[float, float] | None = None
+    quiet: bool = False
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with stage/arch/preset checked and preset defaults filled in."""
+        if self.stage not in STAGES:
+            raise UserError(f"unknown stage {self.stage!r}; choose psnr or gan")
+        if self.arch not in ARCHS:
+            raise UserError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.preset not in TRAIN_PRESETS:
+            raise UserError(f"unknown preset {self.preset!r}; choose {', '.join(TRAIN_PRESETS)}")
+        p = TRAIN_PRESETS[self.preset]
+        c = dataclasses.replace(
+            self, data=[str(d) for d in self.data], out=str(self.out),
+            iters=self.iters or p[f"iters_{self.stage}"],
+            batch_size=self.batch_size or p["batch_size"],
+            val_every=self.val_every or p["val_every"], save_every=self.save_every or p["save_every"],
+            disc_feats=self.disc_feats or p["disc_feats"])
+        for name in ("iters", "batch_size", "val_every", "save_every", "keep", "lr_step"):
+            if getattr(c, name) < 1:
+                raise UserError(f"{name} must be at least 1")
+        return c
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def train(config: TrainConfig) -> dict:
+    """Run one stage; returns a summary (model path, iterations, val PSNR, speed)."""
+    cfg = config.resolved()
+    dinfo = _init_distributed(cfg)
+    try:
+        return _Trainer(cfg, dinfo).run()
+    finally:
+        if dinfo.owns_group:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- setup helpers
+
+def _pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def _init_distributed(cfg: TrainConfig) -> _Dist:
+    """DDP when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    else:
+        owns = False
+    if device.type == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns)
+
+
+def _set_determinism(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def _checkpoints(run_dir: Path) -> dict[int, Path]:
+    """{iteration: path} of the training checkpoints in RUN_DIR/checkpoints."""
+    found = {}
+    for p in (run_dir / CKPT_DIR).glob("iter_*.pt"):
+        m = re.fullmatch(r"iter_(\d+)\.pt", p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return found
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                       "cached_gaussian": float(np_state[4])}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _psnr(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """Per-patch PSNR in dB of images in [0, 1]."""
+    mse = ((sr - hr) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+class _NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- the trainer
+
+class _Trainer:
+    """Holds the models, optimisers and data of one run; :meth:`run` is the loop."""
+
+    def __init__(self, cfg: TrainConfig, dinfo: _Dist):
+        self.cfg, self.d = cfg, dinfo
+        self.run_dir = Path(cfg.out)
+        self.device = _pick_device(cfg.device, dinfo.local_rank)
+        _set_determinism(cfg, self.device)
+        resume_ckpt, init_ckpt = self._check_run_dir_and_files()
+        self._setup_data(resume_ckpt)
+        self._setup_models(resume_ckpt, init_ckpt)
+        if resume_ckpt is not None:
+            self._restore(resume_ckpt["train_state"])
+        else:
+            self.start, self.best = 0, {"psnr": None, "iteration": None}
+        self._wrap_ddp()
+
+    # -- files
+    def _check_run_dir_and_files(self) -> tuple[dict | None, dict | None]:
+        """Refuse to clobber a run, find the resume checkpoint, check VGG and --init first."""
+        cfg = self.cfg
+        existing = _checkpoints(self.run_dir)
+        if cfg.resume and not existing:
+            raise UserError(f"--resume: no checkpoint in {self.run_dir / CKPT_DIR}", self.run_dir)
+        if not cfg.resume and (existing or (self.run_dir / MODEL_FILE).exists()):
+            raise UserError("already holds a training run; pass --resume to continue it or "
+                            "choose another --out", self.run_dir)
+        if cfg.stage == "gan":
+            self.vgg_path = resolve_vgg_weights(cfg.vgg_weights)  # before any work
+        resume_ckpt = None
+        if cfg.resume:
+            path = existing[max(existing)]
+            resume_ckpt = load_checkpoint(path)
+            if "train_state" not in resume_ckpt:
+                raise UserError("not a training checkpoint (no train_state)", path)
+            if resume_ckpt["train_state"]["stage"] != cfg.stage:
+                raise UserError(f"holds a {resume_ckpt['train_state']['stage']}-stage run, not "
+                                f"{cfg.stage}", path)
+            log.info("resuming from %s", path)
+        init_ckpt = None
+        if cfg.init and resume_ckpt is None:
+            self.init_model, init_ckpt = load_model(cfg.init)  # UserError for a bad file
+        elif cfg.stage == "gan" and resume_ckpt is None:
+            raise UserError("--stage gan starts from a psnr-stage model: pass --init CKPT")
+        return resume_ckpt, init_ckpt
+
+    # -- data
+    def _setup_data(self, resume_ckpt: dict | None) -> None:
+        cfg = self.cfg
+        pairs = read_pairs(cfg.data)
+        scans = sorted({p.scan_id for p in pairs})
+        if resume_ckpt is not None:
+            self.split = resume_ckpt["train_state"]["split"]
+        elif cfg.split_file:
+            self.split = load_split(cfg.split_file, scans)
+        else:
+            self.split = make_split(scans, cfg.seed)
+        self.train_ds = PatchDataset(pairs=pairs, scan_ids=self.split["train"], augment=True)
+        if len(self.train_ds) == 0:
+            raise UserError(f"no training patches: train scans {self.split['train'][:5]} are "
+                            "not in the --data folders")
+        if resume_ckpt is not None:
+            window = tuple(resume_ckpt["intensity"]["window"])
+        else:
+            window = tuple(cfg.window) if cfg.window else estimate_window(self.train_ds)
+        self.intensity = {"window": [float(window[0]), float(window[1])],
+                          "dtype": str(self.train_ds.read_raw(0)[1].dtype)}
+        self.train_ds.window = window
+        self.val_ds = PatchDataset(pairs=pairs, scan_ids=self.split["val"], window=window)
+        counts = {k: len(v) for k, v in self.split.items()}
+        log.info("data: %d folders, scans %s, %d train / %d val patches, window %s",
+                 len(cfg.data), counts, len(self.train_ds), len(self.val_ds), window)
+        if self.d.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_split(self.split, self.run_dir / SPLIT_FILE)
+
+    # -- models
+    def _setup_models(self, resume_ckpt: dict | None, init_ckpt: dict | None) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if resume_ckpt is not None:
+            self.model_config = ModelConfig.from_dict(resume_ckpt["config"])
+            self.model = build_model(self.model_config)
+            self.model.load_state_dict(resume_ckpt["state_dict"])
+        elif init_ckpt is not None:
+            self.model_config = ModelConfig.from_dict(init_ckpt["config"])
+            if self.model_config.arch != cfg.arch or cfg.model_overrides:
+                log.info("--init: using the network of %s (%s)", cfg.init, self.model_config.arch)
+            self.model = self.init_model.train()
+        else:
+            try:
+                self.model_config = preset(cfg.arch, cfg.preset, **cfg.model_overrides)
+                self.model = build_model(self.model_config)
+            except (TypeError, ValueError) as e:
+                raise UserError(f"bad model options: {e}") from e
+        self.model.to(self.device).train()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("model %s (%s), %.2f M parameters, device %s, %d process(es)",
+                 self.model_config.arch, cfg.preset, n_params / 1e6, self.device, self.d.world)
+        self.opt_g = torch.optim.Adam(self.model.parameters(), cfg.lr, betas=cfg.betas)
+        self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, cfg.lr_step, cfg.lr_gamma)
+        self.disc = self.perceptual = self.opt_d = self.sched_d = None
+        if cfg.stage == "gan":
+            torch.manual_seed(cfg.seed + 1)  # the same initial discriminator on every path
+            self.disc = UNetDiscriminatorSN(self.model_config.out_channels,
+                                            cfg.disc_feats).to(self.device).train()
+            self.perceptual = VGGPerceptualLoss(self.vgg_path).to(self.device)
+            self.opt_d = torch.optim.Adam(self.disc.parameters(), cfg.lr, betas=cfg.betas)
+            self.sched_d = torch.optim.lr_scheduler.StepLR(self.opt_d, cfg.lr_step,
+                                                           cfg.lr_gamma)
+        self._setup_amp()
+
+    def _setup_amp(self) -> None:
+        cuda = self.device.type == "cuda"
+        if self.cfg.amp and not cuda:
+            log.warning("AMP runs on CUDA only; training in float32 on %s", self.device)
+        self.amp = cuda and self.cfg.amp is not False
+        self.amp_dtype = (torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported()
+                          else torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp
+                                           and self.amp_dtype == torch.float16)
+
+    def _wrap_ddp(self) -> None:
+        self.g_net: nn.Module = self.model
+        self.d_net: nn.Module | None = self.disc
+        if self.d.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.g_net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            if self.disc is not None:
+                self.d_net = nn.parallel.DistributedDataParallel(self.disc, device_ids=ids)
+
+    # -- checkpoints
+    def _train_state(self, iteration: int) -> dict:
+        s = {"iteration": iteration, "stage": self.cfg.stage, "split": self.split,
+             "train_config": dataclasses.asdict(self.cfg), "best": dict(self.best),
+             "optimizer_g": self.opt_g.state_dict(), "scheduler_g": self.sched_g.state_dict(),
+             "scaler": self.scaler.state_dict(), "rng": _rng_state()}
+        if self.disc is not None:
+            s.update(discriminator=self.disc.state_dict(), optimizer_d=self.opt_d.state_dict(),
+                     scheduler_d=self.sched_d.state_dict())
+        return s
+
+    def _restore(self, s: dict) -> None:
+        self.opt_g.load_state_dict(s["optimizer_g"])
+        self.sched_g.load_state_dict(s["scheduler_g"])
+        self.scaler.load_state_dict(s["scaler"])
+        if self.disc is not None:
+            self.disc.load_state_dict(s["discriminator"])
+            self.opt_d.load_state_dict(s["optimizer_d"])
+            self.sched_d.load_state_dict(s["scheduler_d"])
+        _set_rng_state(s["rng"])
+        self.start, self.best = int(s["iteration"]), dict(s["best"])
+        if self.start >= self.cfg.iters:
+            log.warning("the run already reached iteration %d (--iters %d)", self.start,
+                        self.cfg.iters)
+
+    def _provenance(self, iteration: int) -> dict:
+        return {"stage": self.cfg.stage, "iterations": iteration, "data": self.cfg.data,
+                "preset": self.cfg.preset, "init": self.cfg.init, "split": self.split,
+                "best_val_psnr": self.best["psnr"], "best_iteration": self.best["iteration"]}
+
+    def _save(self, iteration: int) -> Path:
+        """Atomic training checkpoint; prune to the newest ``keep`` plus the best."""
+        path = self.run_dir / CKPT_DIR / f"iter_{iteration:08d}.pt"
+        save_model(path, self.model, self.model_config, intensity=self.intensity,
+                   provenance=self._provenance(iteration),
+                   extra={"train_state": self._train_state(iteration)})
+        found = _checkpoints(self.run_dir)
+        keep = set(sorted(found)[-self.cfg.keep:]) | {self.best["iteration"]}
+        for it, p in found.items():
+            if it not in keep:
+                p.unlink(missing_ok=True)
+        return path
+
+    # -- one iteration
+    def _all_finite(self, *losses: torch.Tensor) -> bool:
+        ok = torch.tensor([float(all(bool(torch.isfinite(v)) for v in losses))])
+        if self.d.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() > 0)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def _step(self, lr: torch.Tensor, hr: torch.Tensor) -> dict | None:
+        """One optimisation step; None when a loss is not finite (the step is skipped)."""
+        cfg = self.cfg
+        with self._autocast():
+            sr = self.g_net(lr)
+        sr = sr.float()
+        l_pix = l1_loss(sr, hr)
+        out = {"l1": l_pix}
+        total = cfg.w_pix * l_pix
+        if self.disc is not None:
+            self.disc.requires_grad_(False)
+            with self._autocast():
+                fake = self.disc(sr).float()
+                with torch.no_grad():
+                    real = self.disc(hr).float()
+                out["percep"] = self.perceptual(sr, hr).float()
+            out["gan"] = ragan_g_loss(real, fake)
+            total = total + cfg.w_gan * out["gan"] + cfg.w_percep * out["percep"]
+        out["loss"] = total
+        if not self._all_finite(total):
+            return None
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.opt_g)
+        if self.disc is not None:
+            self.disc.requires_grad_(True)
+            with self._autocast():
+                logits = self.d_net(torch.cat([hr, sr.detach()])).float()
+            real, fake = logits.chunk(2)
+            out["d_loss"] = ragan_d_loss(real, fake)
+            if self._all_finite(out["d_loss"]):
+                self.opt_d.zero_grad(set_to_none=True)
+                self.scaler.scale(out["d_loss"]).backward()
+                self.scaler.step(self.opt_d)
+        self.scaler.update()
+        return {k: float(v.detach()) for k, v in out.items()}
+
+    # -- validation
+    @torch.no_grad()
+    def _validate(self) -> tuple[float | None, float | None]:
+        """Mean PSNR (dB) of the model and of bicubic on up to ``val_patches`` val patches."""
+        if len(self.val_ds) == 0:
+            return None, None
+        n = len(self.val_ds)
+        idx = np.unique(np.linspace(0, n - 1, min(self.cfg.val_patches, n)).astype(int))
+        self.model.eval()
+        psnrs, bic = [], []
+        for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / 16))):
+            lr, hr = (torch.stack(t).to(self.device) for t in
+                      zip(*(self.val_ds[int(i)] for i in chunk)))
+            with self._autocast():
+                sr = self.model(lr)
+            psnrs.append(_psnr(sr.float().clamp(0, 1), hr))
+            up = F.interpolate(lr, scale_factor=self.model_config.scale, mode="bicubic",
+                               align_corners=False)
+            bic.append(_psnr(up.clamp(0, 1), hr))
+        self.model.train()
+        return float(torch.cat(psnrs).mean()), float(torch.cat(bic).mean())
+
+    # -- the loop
+    def _loader(self) -> DataLoader:
+        cfg = self.cfg
+        sampler = IterationBatchSampler(len(self.train_ds), cfg.batch_size, cfg.seed,
+                                        self.start, cfg.iters, self.d.rank, self.d.world)
+        return DataLoader(self.train_ds, batch_sampler=sampler, num_workers=cfg.workers,
+                          pin_memory=self.device.type == "cuda",
+                          prefetch_factor=4 if cfg.workers > 0 else None)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        logger = _CsvLog(self.run_dir / LOG_FILE, self.start) if self.d.main else None
+        bar = progress(total=cfg.iters, desc=cfg.stage, quiet=cfg.quiet or not self.d.main)
+        bar.update(self.start)
+        bad, window = 0, _Window()
+        t_start, wait_total, last_val = time.perf_counter(), 0.0, (None, None)
+        it = self.start
+        t_fetch = time.perf_counter()
+        for lr, hr in self._loader():
+            t_got = time.perf_counter()
+            lr = lr.to(self.device, non_blocking=True)
+            hr = hr.to(self.device, non_blocking=True)
+            losses = self._step(lr, hr)
+            it += 1
+            if losses is None:
+                bad += 1
+                log.warning("iteration %d: non-finite loss, step skipped (%d in a row)", it, bad)
+                if bad >= cfg.max_bad_steps:
+                    raise _NonFiniteLossError(self._diverged_message(it, bad))
+            else:
+                bad = 0
+            self.sched_g.step()
+            if self.sched_d is not None:
+                self.sched_d.step()
+            t_done = time.perf_counter()
+            wait_total += t_got - t_fetch
+            window.add(losses, t_got - t_fetch, t_done - t_fetch)
+            bar.update(1)
+            if losses is not None:
+                bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
+            is_val = it % cfg.val_every == 0 or it == cfg.iters
+            if self.d.main:
+                if is_val:
+                    last_val = self._validate()
+                    if last_val[0] is not None and (self.best["psnr"] is None
+                                                     or last_val[0] > self.best["psnr"]):
+                        self.best = {"psnr": last_val[0], "iteration": it}
+                        self._save(it)
+                if (it % cfg.save_every == 0 or it == cfg.iters) and bad == 0:
+                    self._save(it)  # never in a run of non-finite losses
+                if it % cfg.log_every == 0 or is_val or it == cfg.iters:
+                    logger.write(it, window.row(), self.opt_g.param_groups[0]["lr"],
+                                 last_val if is_val else (None, None))
+                    window = _Window()
+            t_fetch = time.perf_counter()
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        return self._finish(it, elapsed, wait_total, last_val)
+
+    def _diverged_message(self, it: int, bad: int) -> str:
+        found = _checkpoints(self.run_dir)
+        last = found[max(found)] if found else "none"
+        return (f"stopping at iteration {it}: {bad} non-finite losses in a row (lower --lr or "
+                f"check the data); last good checkpoint: {last}")
+
+    def _finish(self, it: int, elapsed: float, wait: float, last_val) -> dict:
+        done = it - self.start
+        summary = {"run_dir": str(self.run_dir), "model": str(self.run_dir / MODEL_FILE),
+                   "stage": self.cfg.stage, "arch": self.model_config.arch,
+                   "preset": self.cfg.preset, "iterations": it,
+                   "iterations_this_run": done, "processes": self.d.world,
+                   "device": str(self.device), "seconds": round(elapsed, 3),
+                   "it_per_s": round(done / elapsed, 4) if elapsed > 0 and done else None,
+                   "data_wait_fraction": round(wait / elapsed, 4) if elapsed > 0 and done
+                   else None,
+                   "val_psnr": last_val[0], "bicubic_val_psnr": last_val[1],
+                   "best_val_psnr": self.best["psnr"], "best_iteration": self.best["iteration"],
+                   "split": {k: len(v) for k, v in self.split.items()},
+                   "intensity": self.intensity}
+        if self.d.main:
+            save_model(self.run_dir / MODEL_FILE, self.model, self.model_config,
+                       intensity=self.intensity, provenance=self._provenance(it))
+            log.info("wrote %s (%d iterations, val PSNR %s dB, bicubic %s dB)",
+                     self.run_dir / MODEL_FILE, it, last_val[0], last_val[1])
+        return summary
+
+
+class _Window:
+    """Losses and timings accumulated between two CSV rows."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n = self.skipped = 0
+        self.wait = self.total = 0.0
+
+    def add(self, losses: dict | None, wait: float, total: float) -> None:
+        self.wait += wait
+        self.total += total
+        if losses is None:
+            self.skipped += 1
+            return
+        self.n += 1
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def row(self) -> dict:
+        row = {k: v / self.n for k, v in self.sums.items()} if self.n else {}
+        steps = self.n + self.skipped
+        row.update(skipped=self.skipped,
+                   it_per_s=steps / self.total if self.total > 0 else None,
+                   data_wait=self.wait / self.total if self.total > 0 else None)
+        return row
+
+
+class _CsvLog:
+    """RUN_DIR/train_log.csv; on resume, rows after the resumed iteration are dropped."""
+
+    def __init__(self, path: Path, start: int):
+        self.path = path
+        rows = []
+        if start > 0 and path.is_file():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+
+    def write(self, it: int, row: dict, lr: float, val: tuple) -> None:
+        full = {"iteration": it, "lr": lr, "val_psnr": val[0], "bicubic_psnr": val[1], **row}
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, LOG_COLUMNS).writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v))
+                 for k, v in full.items() if k in LOG_COLUMNS})

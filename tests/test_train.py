@@ -1,0 +1,222 @@
+"""train.py / `microct-sr train`: both stages for every arch, checkpoints that upscale loads,
+exact resume, split by scan, non-finite losses, DDP with 2 gloo processes, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _train_data import make_pair_folder
+from microct_sr import losses, train as train_mod
+from microct_sr.checkpoint import load_checkpoint, load_model
+from microct_sr.data import make_split
+from microct_sr.losses import TEST_ONLY_RANDOM_VGG
+from microct_sr.models import ARCHS
+from microct_sr.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_pairs")
+    a = make_pair_folder(root / "a", ["rat1", "rat2", "rat3"], 3, lr_patch=4, seed=1)
+    b = make_pair_folder(root / "b", ["rat4", "rat5"], 3, lr_patch=4, seed=2)
+    return [str(a), str(b)]
+
+
+def _cfg(pairs, out, **kw) -> TrainConfig:
+    base = dict(data=pairs, out=str(out), preset="tiny", batch_size=2, workers=0, log_every=1,
+                quiet=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _log(run_dir) -> list[dict]:
+    with open(run_dir / "train_log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _check_model_file(run_dir, stage, iters):
+    model, ckpt = load_model(run_dir / "model.pt")  # what `upscale --model` does
+    assert ckpt["intensity"] == {"window": [0.0, 255.0], "dtype": "uint8"}
+    assert ckpt["provenance"]["stage"] == stage and ckpt["provenance"]["iterations"] == iters
+    assert "train_state" not in ckpt
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, 8, 8))
+    assert out.shape == (1, 1, 64, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_psnr_then_gan_stage_for_each_arch(pairs, tmp_path, arch):
+    s = train(_cfg(pairs, tmp_path / "psnr", arch=arch, iters=3, val_every=3, save_every=2))
+    run = tmp_path / "psnr"
+    rows = _log(run)
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["l1"]) > 0 and r["loss"] != "nan" for r in rows)
+    assert s["val_psnr"] is not None and s["bicubic_val_psnr"] > 10
+    assert (run / "checkpoints" / "iter_00000003.pt").is_file()
+    ckpt = load_checkpoint(run / "checkpoints" / "iter_00000002.pt")
+    assert ckpt["train_state"]["iteration"] == 2 and "optimizer_g" in ckpt["train_state"]
+    _check_model_file(run, "psnr", 3)
+
+    g = train(_cfg(pairs, tmp_path / "gan", arch="srcnn", stage="gan", iters=2, val_every=2,
+                   init=str(run / "model.pt"), vgg_weights=TEST_ONLY_RANDOM_VGG))
+    assert g["arch"] == arch  # the network comes from --init
+    rows = _log(tmp_path / "gan")
+    for r in rows:
+        for k in ("loss", "l1", "gan", "percep", "d_loss"):
+            assert torch.isfinite(torch.tensor(float(r[k]))), (k, r)
+    state = load_checkpoint(tmp_path / "gan" / "checkpoints" / "iter_00000002.pt")["train_state"]
+    assert "discriminator" in state and "optimizer_d" in state
+    _check_model_file(tmp_path / "gan", "gan", 2)
+
+
+def _kill_at(monkeypatch, n_calls: int) -> None:
+    """Make the n-th optimisation step raise, as a killed process would stop."""
+    real = train_mod._Trainer._step
+    calls = {"n": 0}
+
+    def step(self, lr, hr):
+        calls["n"] += 1
+        if calls["n"] == n_calls:
+            raise KeyboardInterrupt("killed")
+        return real(self, lr, hr)
+
+    monkeypatch.setattr(train_mod._Trainer, "_step", step)
+
+
+@pytest.mark.parametrize("stage", ["psnr", "gan"])
+def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage):
+    extra = {}
+    if stage == "gan":
+        train(_cfg(pairs, tmp_path / "init", arch="rcan", iters=1))
+        extra = dict(init=str(tmp_path / "init" / "model.pt"), vgg_weights=TEST_ONLY_RANDOM_VGG)
+    kw = dict(arch="rcan", stage=stage, iters=4, save_every=2, val_every=4, deterministic=True,
+              **extra)
+    train(_cfg(pairs, tmp_path / "straight", **kw))
+    with monkeypatch.context() as m:
+        _kill_at(m, 3)  # dies in iteration 3, after the checkpoint of iteration 2
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(pairs, tmp_path / "killed", **kw))
+    s = train(_cfg(pairs, tmp_path / "killed", resume=True, **kw))
+    assert s["iterations_this_run"] == 2
+    a, b = _log(tmp_path / "straight"), _log(tmp_path / "killed")
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "l1", "gan", "percep", "d_loss", "lr", "val_psnr"):
+            if ra[k]:
+                assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-4, abs=1e-6), (k, ra)
+    sa = load_checkpoint(tmp_path / "straight" / "model.pt")["state_dict"]
+    sb = load_checkpoint(tmp_path / "killed" / "model.pt")["state_dict"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_split_by_scan_is_saved_and_followed(pairs, tmp_path):
+    train(_cfg(pairs, tmp_path / "r1", arch="srcnn", iters=1, seed=4))
+    split = json.loads((tmp_path / "r1" / "split.json").read_text())
+    assert split == make_split(["rat1", "rat2", "rat3", "rat4", "rat5"], 4)
+    assert load_checkpoint(tmp_path / "r1" / "model.pt")["provenance"]["split"] == split
+    chosen = {"train": ["rat5"], "val": ["rat1", "rat2"], "test": ["rat3", "rat4"]}
+    (tmp_path / "split.json").write_text(json.dumps(chosen))
+    trainer = train_mod._Trainer(_cfg(pairs, tmp_path / "r2", arch="srcnn", iters=1,
+                                      split_file=str(tmp_path / "split.json")).resolved(),
+                                 train_mod._Dist())
+    assert json.loads((tmp_path / "r2" / "split.json").read_text()) == chosen
+    assert {p.scan_id for p in trainer.train_ds.pairs} == {"rat5"}
+    assert {p.scan_id for p in trainer.val_ds.pairs} == {"rat1", "rat2"}
+
+
+def test_non_finite_losses_skip_then_stop(pairs, tmp_path, monkeypatch):
+    real_l1 = train_mod.l1_loss
+    calls = {"n": 0}
+
+    def flaky(sr, hr):  # one NaN at iteration 2, then NaN from iteration 5 on
+        calls["n"] += 1
+        loss = real_l1(sr, hr)
+        return loss * float("nan") if calls["n"] == 2 or calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(train_mod, "l1_loss", flaky)
+    with pytest.raises(train_mod._NonFiniteLossError, match="iter_00000004.pt"):
+        train(_cfg(pairs, tmp_path / "nan", arch="srcnn", iters=20, save_every=2,
+                   max_bad_steps=3))
+    rows = _log(tmp_path / "nan")
+    assert [int(r["skipped"]) for r in rows[:4]] == [0, 1, 0, 0]
+    # no checkpoint at a skipped step (2) or inside the failing run (6)
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == [
+        "iter_00000004.pt"]
+    assert not (tmp_path / "nan" / "model.pt").exists()
+
+
+def test_keeps_newest_and_best(pairs, tmp_path):
+    train(_cfg(pairs, tmp_path / "k", arch="srcnn", iters=6, save_every=1, val_every=2, keep=2))
+    best = load_checkpoint(tmp_path / "k" / "model.pt")["provenance"]["best_iteration"]
+    names = {p.name for p in (tmp_path / "k" / "checkpoints").iterdir()}
+    assert names == {"iter_00000005.pt", "iter_00000006.pt", f"iter_{best:08d}.pt"}
+
+
+def test_cli_errors(pairs, tmp_path, run_cli, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("train", "--stage", "psnr", "--data", empty, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "pairs.csv" in r.stderr and str(empty) in r.stderr
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = run_cli("train", "--stage", "gan", "--data", pairs[0], "--out", tmp_path / "o",
+                "--init", bad, "--vgg-weights", TEST_ONLY_RANDOM_VGG)
+    assert r.exit_code == 2 and str(bad) in r.stderr
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(losses, "_download_vgg", lambda dest: (_ for _ in ()).throw(
+        OSError("no internet")))
+    r = run_cli("train", "--stage", "gan", "--data", pairs[0], "--out", tmp_path / "o",
+                "--init", bad)
+    assert r.exit_code == 2 and "VGG19" in r.stderr and "--vgg-weights" in r.stderr
+    assert not (tmp_path / "o").exists()  # stopped before any work
+
+    r = run_cli("train", "--stage", "gan", "--data", pairs[0], "--out", tmp_path / "o",
+                "--vgg-weights", TEST_ONLY_RANDOM_VGG)
+    assert r.exit_code == 2 and "--init" in r.stderr
+
+
+def test_cli_runs_and_refuses_to_clobber(pairs, tmp_path, run_cli):
+    args = ["train", "--stage", "psnr", "--data", pairs[0], "--data", pairs[1], "--out",
+            tmp_path / "run", "--arch", "edsr", "--preset", "tiny", "--n-feats", "8",
+            "--iters", "2", "--batch-size", "2", "--workers", "0", "--json"]
+    r = run_cli(*args)
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["iterations"] == 2 and summary["split"] == {"train": 3, "val": 1, "test": 1}
+    assert load_model(tmp_path / "run" / "model.pt")[1]["config"]["n_feats"] == 8
+    r = run_cli(*args)
+    assert r.exit_code == 2 and "--resume" in r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_match_one(pairs, tmp_path):
+    exe = shutil.which("microct-sr")
+    if exe is None:
+        pytest.skip("the microct-sr console script is not on PATH (package not installed)")
+    common = ["--stage", "psnr", "--data", pairs[0], "--data", pairs[1], "--arch", "rcan",
+              "--preset", "tiny", "--iters", "3", "--batch-size", "4", "--workers", "0",
+              "--device", "cpu", "--json", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29531", "--no-python", exe, "train", "--out",
+           str(tmp_path / "ddp"), *common]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout)  # exactly one JSON document: only rank 0 reports
+    assert summary["processes"] == 2
+    train(_cfg(pairs, tmp_path / "single", arch="rcan", iters=3, batch_size=4, device="cpu"))
+    sa = load_checkpoint(tmp_path / "ddp" / "model.pt")["state_dict"]
+    sb = load_checkpoint(tmp_path / "single" / "model.pt")["state_dict"]
+    for k in sa:  # per-process batch 2 x 2 processes = one process with batch 4
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)

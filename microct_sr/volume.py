@@ -208,6 +208,29 @@ def _probe_png(path: Path, head: bytes) -> tuple[tuple[int, int], str]:
     return (h, w), ("uint16" if head[24] == 16 else "uint8")
 
 
+def _probe_jpeg(path: Path) -> tuple[tuple[int, int], str]:
+    """Size from the first SOF marker (no decoding); 8-bit unless the precision says 12/16."""
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+    if data[:2] != b"\xff\xd8":
+        raise UserError("not a JPEG file (bad signature)", path)
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            i += 1 if marker == 0xFF else 2
+            continue
+        length = struct.unpack_from(">H", data, i + 2)[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            bits, h, w = struct.unpack_from(">BHH", data, i + 4)
+            return (h, w), ("uint8" if bits <= 8 else "uint16")
+        i += 2 + length
+    raise UserError("corrupt JPEG (no frame header)", path)
+
+
 def _probe_tiff(path: Path) -> tuple[tuple[int, int], str]:
     import tifffile
 
@@ -240,13 +263,15 @@ def probe_slice_file(path: Path) -> tuple[tuple[int, int], str]:
             if head[:8] != b"\x89PNG\r\n\x1a\n":
                 raise UserError("not a PNG file (bad signature)", path)
             return _probe_png(path, head)
+        if suffix in (".jpg", ".jpeg"):
+            return _probe_jpeg(path)
     except UserError:
         raise
     except OSError as e:
         raise UserError(f"cannot read ({e.strerror or e})", path) from None
     except Exception as e:  # noqa: BLE001 - corrupt headers raise assorted errors
         raise UserError(f"corrupt image header ({type(e).__name__}: {e})", path) from None
-    arr = read_slice_file(path)  # JPEG and others: decode
+    arr = read_slice_file(path)  # anything else: decode
     return arr.shape, str(arr.dtype)
 
 

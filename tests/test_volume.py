@@ -434,3 +434,36 @@ def test_sigterm_handler_restored_after_writers(tmp_path):
     w2.write(np.zeros((2, 2), np.uint8))
     w2.close()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_jpeg_folder_sizes_from_headers(tmp_path):
+    a = np.tile(np.arange(0, 240, 8, dtype=np.uint8), (20, 1))  # 20 x 30, smooth: JPEG-friendly
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"j{i}.jpg"), a)
+    assert volume.probe_slice_file(tmp_path / "j0.jpg") == ((20, 30), "uint8")
+    v = open_volume(tmp_path)
+    assert v.shape == (3, 20, 30) and v.dtype == np.uint8
+    assert np.abs(v[1].astype(int) - a).max() <= 8  # lossy, but the same picture
+    cv2.imwrite(str(tmp_path / "j3.jpg"), np.zeros((21, 30), np.uint8))
+    with pytest.raises(UserError, match=r"j3\.jpg: slice size 30x21 differs"):
+        open_volume(tmp_path)
+
+
+def test_single_2d_files(tmp_path):
+    a = _vol(np.uint16, shape=(1, 9, 11))
+    tifffile.imwrite(tmp_path / "one.tif", a[0])
+    cv2.imwrite(str(tmp_path / "one.png"), a[0])
+    for name in ("one.tif", "one.png"):
+        v = open_volume(tmp_path / name)
+        assert v.shape == (1, 9, 11)
+        np.testing.assert_array_equal(v.read(0, 1), a)
+
+
+def test_mhd_with_separate_raw(tmp_path):
+    a = _vol(np.int16, shape=(3, 5, 6))
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing((0.004, 0.004, 0.012))
+    sitk.WriteImage(img, str(tmp_path / "v.mhd"))
+    v = open_volume(tmp_path / "v.mhd")
+    assert v.spacing_um == pytest.approx((12.0, 4.0, 4.0)) and v.dtype == np.int16
+    np.testing.assert_array_equal(v.read(0, 3), a)

@@ -117,8 +117,14 @@ class Volume:
                             f"{self.shape[1:]}", self.path)
         return out
 
-    def __getitem__(self, z: int) -> np.ndarray:
+    def __getitem__(self, z: int | slice) -> np.ndarray:
+        """``vol[z]`` -> one (y, x) slice; ``vol[a:b]`` -> ``read(a, b)`` (step 1 only)."""
         n = self.shape[0]
+        if isinstance(z, slice):
+            z0, z1, step = z.indices(n)
+            if step != 1:
+                raise IndexError("only contiguous slice ranges can be read")
+            return self.read(z0, max(z0, z1))
         z = int(z)
         if z < 0:
             z += n
@@ -426,23 +432,45 @@ class TiffVolume(Volume):
                 series = self._tf.series[0]
         except Exception as e:  # noqa: BLE001
             raise UserError(f"not a readable TIFF ({type(e).__name__}: {e})", path) from None
-        if errors.messages:
+        try:
+            if errors.messages:
+                raise UserError(f"corrupt or truncated TIFF ({errors.messages[0]})", path)
+            self._page_stack = self._series_are_pages(self._tf, path)
+            self.format = "ome-tiff" if self._tf.is_ome else "tiff"
+            self._series = series
+            shape, self._rgb = self._shape(series, path)
+            if self._page_stack:
+                shape = (len(self._tf.series),) + shape[1:]
+            self._map = None if self._page_stack else self._memmap(series, path)
+            spacing, source = _tiff_spacing(self._tf, path)
+            meta = {"axes": series.axes, "imagej": self._tf.imagej_metadata or {},
+                    "bigtiff": self._tf.is_bigtiff}
+            super().__init__(path, shape, series.dtype, spacing, source, meta)
+            self._check_truncated(path)
+        except BaseException:
             self._tf.close()
-            raise UserError(f"corrupt or truncated TIFF ({errors.messages[0]})", path)
-        self.format = "ome-tiff" if self._tf.is_ome else "tiff"
-        self._series = series
-        shape, self._rgb = self._shape(series, path)
-        self._lead = series.shape[: len(series.shape) - (3 if self._rgb else 2)]
-        self._map = self._memmap(series, path)
-        spacing, source = _tiff_spacing(self._tf, path)
-        meta = {"axes": series.axes, "imagej": self._tf.imagej_metadata or {},
-                "bigtiff": self._tf.is_bigtiff}
-        super().__init__(path, shape, series.dtype, spacing, source, meta)
-        self._check_truncated(path)
+            raise
+
+    @staticmethod
+    def _series_are_pages(tf: Any, path: Path) -> bool:
+        """True when tifffile split a plain multi-page TIFF into one-page series of equal shape
+        (one write per page): read them as one stack. Pages that differ in size or type are
+        not one volume: UserError."""
+        if len(tf.series) < 2 or tf.is_ome or tf.is_imagej:
+            return False
+        first = tf.series[0]
+        for odd in tf.series[1:]:
+            if odd.shape != first.shape or odd.dtype != first.dtype or len(odd.pages) != 1:
+                raise UserError(f"pages of different sizes or types: {first.shape} "
+                                f"{first.dtype} then {odd.shape} {odd.dtype}; expected one "
+                                "stack", path)
+        return len(first.pages) == 1
 
     @staticmethod
     def _shape(series: Any, path: Path) -> tuple[tuple[int, int, int], bool]:
         axes, shape = series.axes, series.shape
+        if "S" in axes[:-1] and shape[axes.index("S")] != 1:
+            raise UserError(f"planar colour TIFF (axes {axes}); expected grayscale", path)
         rgb = axes.endswith("S") and shape[-1] in (3, 4)
         core = shape[:-1] if axes.endswith("S") else shape
         if axes.endswith("S") and not rgb and shape[-1] != 1:
@@ -469,7 +497,8 @@ class TiffVolume(Volume):
         if self._map is not None:
             end = self._series.dataoffset + self._map.nbytes
         else:
-            page = self._series.pages[-1] if self._series.pages else None
+            pages = self._tf.pages if self._page_stack else self._series.pages
+            page = pages[len(pages) - 1] if len(pages) else None
             offs = getattr(page, "dataoffsets", ()) or ()
             cnts = getattr(page, "databytecounts", ()) or ()
             end = max((o + c for o, c in zip(offs, cnts)), default=0)
@@ -483,7 +512,10 @@ class TiffVolume(Volume):
             return np.array(flat[z0:z1], dtype=self.dtype.newbyteorder("="))
         try:
             with _TifffileErrors() as errors:
-                data = self._tf.asarray(key=range(z0, z1), series=0)
+                if self._page_stack:
+                    data = self._tf.asarray(key=range(z0, z1))
+                else:
+                    data = self._tf.asarray(key=range(z0, z1), series=0)
         except Exception as e:  # noqa: BLE001 - corrupt strips
             raise UserError(f"cannot read pages {z0}..{z1 - 1} ({type(e).__name__}: {e})",
                             self.path) from None

@@ -467,3 +467,23 @@ def test_mhd_with_separate_raw(tmp_path):
     v = open_volume(tmp_path / "v.mhd")
     assert v.spacing_um == pytest.approx((12.0, 4.0, 4.0)) and v.dtype == np.int16
     np.testing.assert_array_equal(v.read(0, 3), a)
+
+
+def test_multipage_tiff_with_odd_page_is_rejected(tmp_path):
+    with tifffile.TiffWriter(tmp_path / "m.tif") as tw:
+        tw.write(np.zeros((8, 8), np.uint8))
+        tw.write(np.zeros((8, 8), np.uint8))
+        tw.write(np.zeros((8, 9), np.uint8))
+    with pytest.raises(UserError, match=r"m\.tif: pages of different sizes"):
+        open_volume(tmp_path / "m.tif")
+
+
+def test_plain_multipage_tiff_and_slicing(tmp_path):
+    a = _vol(np.uint16, shape=(5, 8, 8))
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tw:
+        for s in a:
+            tw.write(s, photometric="minisblack")  # one series per write, like many scanners
+    v = open_volume(tmp_path / "p.tif")
+    assert v.shape == (5, 8, 8)
+    np.testing.assert_array_equal(v[1:4], a[1:4])
+    np.testing.assert_array_equal(v[-1], a[-1])

@@ -224,3 +224,29 @@ def test_writer_custom_prefix_and_16bit(tmp_path):
     assert (tmp_path / "out" / "scan1_rec00000001.tif").is_file()
     assert (tmp_path / "out" / "scan1_rec.log").is_file()
     np.testing.assert_array_equal(open_volume(tmp_path / "out").read(0, 2), a)
+
+
+def test_section_step_two(tmp_path):
+    folder = tmp_path / "rec"
+    vol = make_nrecon_folder(folder, n=6, first=20)
+    p = folder / "tibia_4__rec.log"
+    text = p.read_bytes().decode("latin-1").replace("Section to Section Step=1",
+                                                   "Section to Section Step=2")
+    p.write_bytes(text.encode("latin-1"))
+    for i in range(6):  # NRecon numbers the files by section: 20, 22, 24, ...
+        (folder / f"tibia_4__rec{20 + i:08d}.bmp").rename(folder / f"x{i}.tmp")
+    for i in range(6):
+        (folder / f"x{i}.tmp").rename(folder / f"tibia_4__rec{20 + 2 * i:08d}.bmp")
+    v = open_volume(folder)
+    assert v.spacing_um == pytest.approx((2 * 9.919978, 9.919978, 9.919978))
+    np.testing.assert_array_equal(v.read(0, 6), vol)
+
+
+def test_log_found_by_content_when_not_named_rec(tmp_path):
+    folder = tmp_path / "rec"
+    make_nrecon_folder(folder, n=3)
+    (folder / "tibia_4__rec.log").rename(folder / "reconstruction.log")
+    (folder / "notes.log").write_text("unrelated\n")
+    assert nrecon.find_log(folder) == folder / "reconstruction.log"
+    v = open_volume(folder)
+    assert v.format == "nrecon" and v.spacing_um == pytest.approx((9.919978,) * 3)

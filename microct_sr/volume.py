@@ -916,8 +916,15 @@ class VolumeWriter:
         _remove(self.tmp)
         _remove_stale(self.path)
         _register(self)
+        try:
+            self._open()
+        except BaseException:
+            self.abort()
+            raise
 
-    # subclasses: _open(), _write(block), _finish()
+    # subclasses: _open(), _write(block), _finish(), _cleanup()
+    def _open(self) -> None:
+        """Create the temporary output."""
     def write(self, slices: np.ndarray) -> None:
         """Append one (y, x) slice or a (n, y, x) block; converted with :func:`to_dtype`."""
         if self.closed:
@@ -1062,22 +1069,23 @@ class TiffVolumeWriter(VolumeWriter):
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any,
                  spacing_um: Spacing | None, overwrite: bool, ome: bool = False,
                  description: str | None = None):
+        self.ome, self.description = ome, description
+        self._fh: Any = None
         super().__init__(path, shape, dtype, spacing_um, overwrite)
+
+    def _open(self) -> None:
         nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self.bigtiff = nbytes > BIGTIFF_THRESHOLD
-        self.ome = ome or self.bigtiff or self.dtype.name not in IMAGEJ_DTYPES
-        if self.bigtiff and not ome:
+        asked_ome = self.ome
+        self.ome = asked_ome or self.bigtiff or self.dtype.name not in IMAGEJ_DTYPES
+        if self.bigtiff and not asked_ome:
             log.warning("%s: %.1f GiB is too large for an ImageJ TIFF; writing BigTIFF with "
-                        "OME-XML voxel size instead", path, nbytes / 2**30)
-        elif self.ome and not ome:
-            log.warning("%s: ImageJ TIFF cannot hold %s; writing OME-TIFF instead", path,
+                        "OME-XML voxel size instead", self.path, nbytes / 2**30)
+        elif self.ome and not asked_ome:
+            log.warning("%s: ImageJ TIFF cannot hold %s; writing OME-TIFF instead", self.path,
                         self.dtype)
-        try:
-            self._offset = self._write_header(description)
-            self._fh = open(self.tmp, "r+b")
-        except BaseException:
-            self.abort()
-            raise
+        self._offset = self._write_header(self.description)
+        self._fh = open(self.tmp, "r+b")
 
     def _write_header(self, description: str | None) -> int:
         import tifffile
@@ -1117,9 +1125,8 @@ class TiffVolumeWriter(VolumeWriter):
         self._fh.close()
 
     def _cleanup(self) -> None:
-        fh = getattr(self, "_fh", None)
-        if fh is not None:
-            fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 class NReconWriter(VolumeWriter):
@@ -1131,10 +1138,12 @@ class NReconWriter(VolumeWriter):
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any,
                  spacing_um: Spacing | None, overwrite: bool, prefix: str | None = None,
                  log_extra: dict | None = None):
-        super().__init__(path, shape, dtype, spacing_um, overwrite)
-        self.prefix = (prefix if prefix is not None else f"{self.path.name}_") + "rec"
-        self.ext = ".bmp" if self.dtype == np.uint8 else ".tif"
+        self.prefix = (prefix if prefix is not None else f"{Path(path).name}_") + "rec"
+        self.ext = ".bmp" if np.dtype(dtype) == np.uint8 else ".tif"
         self.log_extra = log_extra
+        super().__init__(path, shape, dtype, spacing_um, overwrite)
+
+    def _open(self) -> None:
         self.tmp.mkdir()
 
     def slice_name(self, z: int) -> str:
@@ -1186,8 +1195,11 @@ class SitkWriter(VolumeWriter):
 
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any,
                  spacing_um: Spacing | None, overwrite: bool):
+        self._buf: np.ndarray | None = None
         super().__init__(path, shape, dtype, spacing_um, overwrite)
-        self._buf: np.ndarray | None = np.empty(self.shape, self.dtype)
+
+    def _open(self) -> None:
+        self._buf = np.empty(self.shape, self.dtype)
 
     def _write(self, block: np.ndarray) -> None:
         assert self._buf is not None

@@ -487,3 +487,10 @@ def test_plain_multipage_tiff_and_slicing(tmp_path):
     assert v.shape == (5, 8, 8)
     np.testing.assert_array_equal(v[1:4], a[1:4])
     np.testing.assert_array_equal(v[-1], a[-1])
+
+
+def test_failed_writer_creation_leaves_nothing(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises((MemoryError, ValueError)):  # SimpleITK writers buffer: too big
+        create_volume_writer(tmp_path / "huge.nii", (10**6, 10**6, 10**6), np.uint8, None)
+    assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is before

@@ -405,8 +405,6 @@ def _open_folder(folder: Path) -> Volume:
     indexed = numbered_slices(folder)
     if indexed:
         _check_numbering(indexed)
-        log.warning("%s: numbered slices without metadata; voxel size unknown "
-                    "(use --spacing-um)", folder)
         return SliceFolderVolume(folder, [p for _, p in indexed], "slices", None, "unknown",
                                  {"first_index": indexed[0][0]})
     dicom = _dicom_files(folder)
@@ -857,8 +855,9 @@ def open_volume(path: str | Path, spacing_um: Spacing | None = None) -> Volume:
     if spacing_um is not None:
         vol.spacing_um = tuple(float(s) for s in spacing_um)  # type: ignore[assignment]
         vol.spacing_source = "user"
-    elif vol.spacing_um is None and vol.format in ("tiff", "ome-tiff", "sitk"):
-        log.warning("%s: no voxel size in the file; spacing unknown (use --spacing-um)", path)
+    elif vol.spacing_um is None and vol.format != "nrecon":  # NRecon warned about its log
+        what = "slices without metadata" if vol.format == "slices" else "no voxel size in the file"
+        log.warning("%s: %s; spacing unknown (use --spacing-um)", path, what)
     return vol
 
 

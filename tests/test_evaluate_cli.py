@@ -1,0 +1,213 @@
+"""`microct-sr evaluate`: both forms, JSON keys, grid convention, outputs and every bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from microct_sr.metrics import fidelity, perceptual
+from microct_sr.volume import write_volume
+
+KEYS = ["n_slices", "psnr", "ssim", "niqe", "ma", "pi", "morphometry", "notes"]
+MORPH_KEYS = {"bv_tv", "tb_th_um", "tb_sp_um", "tb_n_per_mm"}
+
+
+def bone_like(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """Trabecular-looking uint8 volume: thresholded smooth noise, bone ~200, marrow ~60."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=shape), 3)
+    bone = field > np.quantile(field, 0.75)
+    img = np.where(bone, 200.0, 60.0) + rng.normal(0, 6, shape)
+    return np.clip(ndimage.gaussian_filter(img, 0.7), 0, 255).astype(np.uint8)
+
+
+def noisy(a: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(a + rng.normal(0, sigma, a.shape), 0, 255).astype(a.dtype)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    hr = bone_like((32, 128, 128))
+    lr = np.rint(hr.reshape(4, 8, 16, 8, 16, 8).mean(axis=(1, 3, 5))).astype(np.uint8)
+    files = {
+        "hr": write_volume(d / "hr.tif", hr, (10.0, 10.0, 10.0)),
+        "lr": write_volume(d / "lr.tif", lr, (80.0, 80.0, 80.0)),
+        "good": write_volume(d / "good.tif", noisy(hr[4::8], 4, 1), (80.0, 10.0, 10.0)),
+        "bad": write_volume(d / "bad.tif", noisy(hr[4::8], 30, 2), (80.0, 10.0, 10.0)),
+        "same": write_volume(d / "same.tif", noisy(hr, 4, 3), (10.0, 10.0, 10.0)),
+    }
+    return d, hr, files
+
+
+@pytest.fixture(autouse=True)
+def no_iqa_weights(tmp_path, monkeypatch):
+    """No parameter file anywhere unless a test passes --iqa-weights: never a download."""
+    monkeypatch.delenv(perceptual.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+def run_json(run_cli, *args):
+    r = run_cli("evaluate", *args, "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def expected_psnr(sr: np.ndarray, hr_slices: np.ndarray, border: int = 4) -> list[float]:
+    b = slice(border, -border)
+    return [fidelity.psnr(s[b, b].astype(float), h[b, b].astype(float))
+            for s, h in zip(sr, hr_slices)]
+
+
+def test_single_form_json_grid_and_values(run_cli, data):
+    d, hr, f = data
+    out = run_json(run_cli, f["good"], f["hr"])
+    assert list(out) == KEYS
+    assert out["n_slices"] == 4
+    from tifffile import imread
+
+    want = expected_psnr(imread(f["good"]), hr[4::8])  # SR slice k <-> HR slice 8k+4
+    assert out["psnr"]["mean"] == pytest.approx(np.mean(want), abs=1e-9)
+    assert out["psnr"]["std"] == pytest.approx(np.std(want), abs=1e-9)
+    assert 0.5 < out["ssim"]["mean"] < 1
+    assert out["niqe"] is None and out["ma"] is None and out["pi"] is None
+    assert any("8k+4" in n for n in out["notes"])
+    assert any(perceptual.NIQE_FILE in n for n in out["notes"])
+    m = out["morphometry"]
+    assert set(m) == MORPH_KEYS and set(m["bv_tv"]) == {"sr", "hr", "rel_error"}
+    assert abs(m["bv_tv"]["rel_error"]) < 0.05 and abs(m["tb_th_um"]["rel_error"]) < 0.1
+    assert m["tb_th_um"]["hr"] > 20  # physical units (10 um voxels), not voxels
+
+
+def test_metric_subset_slices_and_csv(run_cli, data, tmp_path):
+    d, hr, f = data
+    out_csv = tmp_path / "slices.csv"
+    out = run_json(run_cli, f["good"], f["hr"], "--metrics", "psnr", "--slices", "1:3",
+                   "--csv", out_csv)
+    assert out["n_slices"] == 2 and out["ssim"] is None and out["morphometry"] is None
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [(r["sr_slice"], r["hr_slice_start"]) for r in rows] == [("1", "12"), ("2", "20")]
+    assert float(rows[0]["psnr"]) > 30
+
+
+def test_hr_slab_mean_mode_and_equal_shapes(run_cli, data):
+    d, hr, f = data
+    mid = run_json(run_cli, f["good"], f["hr"], "--metrics", "psnr")
+    mean = run_json(run_cli, f["good"], f["hr"], "--metrics", "psnr", "--hr-slice", "mean")
+    assert mean["psnr"]["mean"] < mid["psnr"]["mean"]
+    assert any("mean of HR slices" in n for n in mean["notes"])
+    same = run_json(run_cli, f["same"], f["hr"], "--metrics", "psnr,ssim")
+    assert same["n_slices"] == 32 and same["psnr"]["mean"] > 30
+    assert any("same slice count" in n for n in same["notes"])
+
+
+def test_16_bit_rule(run_cli, data, tmp_path):
+    d, hr, f = data
+    hr16 = hr.astype(np.uint16) * 100 + 1000
+    sr16 = noisy(hr[4::8], 4, 1).astype(np.uint16) * 100 + 1000
+    write_volume(tmp_path / "hr16.tif", hr16, (10.0, 10.0, 10.0))
+    write_volume(tmp_path / "sr16.tif", sr16, (80.0, 10.0, 10.0))
+    out = run_json(run_cli, tmp_path / "sr16.tif", tmp_path / "hr16.tif", "--metrics", "psnr")
+    lo, hi = float(hr16[4::8].min()), float(hr16[4::8].max())
+    b = slice(4, -4)
+    want = [fidelity.psnr(fidelity.to_255(s[b, b], (lo, hi)), fidelity.to_255(h[b, b], (lo, hi)))
+            for s, h in zip(sr16, hr16[4::8])]
+    assert out["psnr"]["mean"] == pytest.approx(np.mean(want), abs=1e-9)
+    assert any("uint16" in n and f"[{lo:g}, {hi:g}]" in n for n in out["notes"])
+
+
+def test_comparison_form_with_bicubic_table_plot_csv(run_cli, data, tmp_path):
+    d, hr, f = data
+    table, plot, sheet = tmp_path / "t.md", tmp_path / "p.png", tmp_path / "s.csv"
+    out = run_json(run_cli, "--hr", f["hr"], "--sr", f"Good={f['good']}", "--sr",
+                   f"Bad={f['bad']}", "--bicubic", "--lr", f["lr"], "--table", table,
+                   "--plot", plot, "--csv", sheet, "--metrics", "psnr,ssim,morph")
+    assert [o["label"] for o in out] == ["Good", "Bad", "Bicubic"]
+    assert all(list(o)[1:] == KEYS for o in out)
+    good, bad, bic = (o["psnr"]["mean"] for o in out)
+    assert good > bad and good > bic
+    assert out[0]["morphometry"]["bv_tv"]["hr"] == out[2]["morphometry"]["bv_tv"]["hr"]
+    lines = table.read_text().splitlines()
+    assert lines[0].startswith("| Method") and len(lines) == 5
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list(csv.DictReader(sheet.open()))) == 12
+    r = run_cli("evaluate", "--hr", f["hr"], "--sr", f"Good={f['good']}", "--metrics", "psnr",
+                "--quiet", "--table", table)
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    r = run_cli("evaluate", "--hr", f["hr"], "--sr", f"Good={f['good']}", "--metrics", "psnr",
+                "--quiet")
+    assert r.exit_code == 0 and "| Good" in r.stdout and "8k+4" in r.stdout
+
+
+@pytest.mark.iqa
+def test_niqe_with_local_weights_and_ma_pi_null(run_cli, data, shared_data):
+    if not perceptual.pyiqa_available():
+        pytest.skip("pyiqa is not installed (extra microct-sr[iqa])")
+    if not (shared_data / "iqa" / perceptual.NIQE_FILE).is_file():
+        pytest.skip("NIQE parameter file absent from ../shared/data/iqa")
+    d, hr, f = data
+    out = run_json(run_cli, f["good"], f["hr"], "--metrics", "niqe,ma,pi",
+                   "--iqa-weights", shared_data / "iqa", "--perceptual-sample", "2")
+    assert 0 < out["niqe"]["mean"] < 100 and math.isfinite(out["niqe"]["std"])
+    assert out["ma"] is None and out["pi"] is None
+    assert any(perceptual.NRQM_FILE in n and "null" in n for n in out["notes"])
+    assert any("2 crops of 120x120" in n for n in out["notes"])
+
+
+@pytest.fixture(scope="module")
+def bad_files(data):
+    d, hr, f = data
+    write_volume(d / "narrow.tif", hr[4::8, :100, :100], (80.0, 10.0, 10.0))
+    write_volume(d / "five.tif", hr[:5], (80.0, 10.0, 10.0))
+    nan = hr[4::8].astype(np.float32)
+    nan[2, 5, 5] = np.nan
+    write_volume(d / "nan.tif", nan, (80.0, 10.0, 10.0))
+    write_volume(d / "sr_float.tif", hr[4::8].astype(np.float32), (80.0, 10.0, 10.0))
+    write_volume(d / "hr_float.tif", hr.astype(np.float32), (10.0, 10.0, 10.0))
+    hr_inf = hr.astype(np.float32)
+    hr_inf[12, 0, 0] = np.inf
+    write_volume(d / "hr_inf.tif", hr_inf, (10.0, 10.0, 10.0))
+    write_volume(d / "u16.tif", hr[4::8].astype(np.uint16), (80.0, 10.0, 10.0))
+    (d / "empty.tif").write_bytes(b"")
+    return d
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{d}/narrow.tif", "{d}/hr.tif"], "in-plane size"),
+    (["{d}/five.tif", "{d}/hr.tif"], "slice count"),
+    (["{d}/nan.tif", "{d}/hr_float.tif"], "NaN or Inf"),
+    (["{d}/sr_float.tif", "{d}/hr_inf.tif"], "NaN or Inf"),
+    (["{d}/empty.tif", "{d}/hr.tif"], "empty"),
+    (["{d}/u16.tif", "{d}/hr.tif"], "dtype"),
+    (["{d}/good.tif", "{d}/hr.tif", "--metrics", "psnr,lpips"], "unknown metric"),
+    (["{d}/good.tif", "{d}/hr.tif", "--iqa-weights", "{d}/no_such_dir"], "weights folder"),
+    (["{d}/good.tif", "{d}/hr.tif", "--slices", "3:1"], "selects no slice"),
+    (["{d}/good.tif", "{d}/hr.tif", "--slices", "x"], "A:B"),
+    (["{d}/good.tif", "{d}/hr.tif", "--bicubic"], "--lr"),
+    (["{d}/good.tif", "{d}/hr.tif", "--hr", "{d}/hr.tif"], "not both"),
+    (["--hr", "{d}/hr.tif", "--sr", "nameonly"], "NAME=PATH"),
+    (["{d}/good.tif", "{d}/missing.tif"], "no such file"),
+    (["{d}/good.tif", "{d}/hr.tif", "--csv", "{d}/no_dir/x.csv"], "output folder"),
+])
+def test_bad_input_exits_2(run_cli, bad_files, args, message):
+    d = bad_files
+    r = run_cli("evaluate", *[a.format(d=d) for a in args], "--quiet")
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert message in r.stderr
+
+
+def test_missing_pyiqa_when_asked_by_name_exits_2(run_cli, data, monkeypatch):
+    d, hr, f = data
+    monkeypatch.setattr(perceptual, "pyiqa_available", lambda: False)
+    r = run_cli("evaluate", f["good"], f["hr"], "--metrics", "niqe", "--quiet")
+    assert r.exit_code == 2 and "microct-sr[iqa]" in r.stderr
+    out = run_json(run_cli, f["good"], f["hr"], "--metrics", "psnr")
+    assert out["niqe"] is None and out["psnr"] is not None
+    default = run_json(run_cli, f["good"], f["hr"], "--slices", "0:1")
+    assert default["niqe"] is None and any("pyiqa is not installed" in n for n in default["notes"])

@@ -346,7 +346,7 @@ def numbered_slices(folder: Path) -> list[tuple[int, Path]]:
             groups.setdefault((m.group(1), p.suffix.lower()), []).append((int(m.group(2)), p))
     if not groups:
         return []
-    best = max(groups.values(), key=len)
+    best = max((groups[k] for k in sorted(groups)), key=len)  # ties: first stem in order
     others = sum(len(g) for g in groups.values()) - len(best)
     if others:
         log.warning("%s: %d image files do not belong to the main numbered series; ignored",

@@ -133,6 +133,7 @@ def test_comparison_form_with_bicubic_table_plot_csv(run_cli, data, tmp_path):
     good, bad, bic = (o["psnr"]["mean"] for o in out)
     assert good > bad and good > bic
     assert out[0]["morphometry"]["bv_tv"]["hr"] == out[2]["morphometry"]["bv_tv"]["hr"]
+    assert any("align_corners=False" in n for n in out[2]["notes"])
     lines = table.read_text().splitlines()
     assert lines[0].startswith("| Method") and len(lines) == 5
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -211,3 +212,14 @@ def test_missing_pyiqa_when_asked_by_name_exits_2(run_cli, data, monkeypatch):
     assert out["niqe"] is None and out["psnr"] is not None
     default = run_json(run_cli, f["good"], f["hr"], "--slices", "0:1")
     assert default["niqe"] is None and any("pyiqa is not installed" in n for n in default["notes"])
+
+
+def test_large_volumes_get_morphometry_on_a_central_window(run_cli, data, monkeypatch):
+    import microct_sr.metrics as metrics
+
+    d, hr, f = data
+    monkeypatch.setattr(metrics, "MORPH_MAX_VOXELS", 4 * 64 * 64)
+    assert metrics.morph_voi(4, 128, 128) == (32, 96, 32, 96)
+    out = run_json(run_cli, f["good"], f["hr"], "--metrics", "morph")
+    assert any("central 64x64 px" in n for n in out["notes"])
+    assert abs(out["morphometry"]["bv_tv"]["rel_error"]) < 0.1

@@ -28,6 +28,7 @@ FACTOR = 8
 ALL_METRICS = ("psnr", "ssim", "niqe", "ma", "pi", "morph")
 PERCEPTUAL = frozenset({"niqe", "ma", "pi"})
 HR_SLICE_MODES = ("middle", "mean")
+MORPH_MAX_VOXELS = 16_000_000  # morphometry on a central window beyond this (time, memory)
 
 
 class VolumeLike(Protocol):
@@ -146,6 +147,8 @@ class BicubicVolume:
         self.dtype = np.dtype(lr.dtype)
         sp = lr.spacing_um
         self.spacing_um = None if sp is None else (sp[0], sp[1] / factor, sp[2] / factor)
+        self.note = (f"Bicubic: {factor}x in-plane bicubic upscaling of {self.path.name} (torch, "
+                     "a = -0.75, align_corners=False), clipped and rounded to its dtype")
 
     def read(self, z0: int, z1: int) -> np.ndarray:
         import torch
@@ -289,7 +292,10 @@ def evaluate_volume(sr: VolumeLike, hr: VolumeLike, opts: EvalOptions, *, label:
         crop_at.setdefault(c.z, []).append(c)
 
     want_morph = "morph" in opts.metrics
-    sr_bone = np.zeros((n, grid.height, grid.width), bool) if want_morph else None
+    voi = morph_voi(n, grid.height, grid.width)
+    vy, vx = slice(voi[0], voi[1]), slice(voi[2], voi[3])
+    shape = (n, voi[1] - voi[0], voi[3] - voi[2])
+    sr_bone = np.zeros(shape, bool) if want_morph else None
     hr_bone = np.zeros_like(sr_bone) if want_morph else None
     rows: list[dict[str, Any]] = []
     perc: dict[str, list[float]] = {m: [] for m in sorted(scorer.available)} if scorer else {}
@@ -310,11 +316,13 @@ def evaluate_volume(sr: VolumeLike, hr: VolumeLike, opts: EvalOptions, *, label:
             perc[name].extend(vals)
             row[name] = float(np.nanmean(vals)) if vals else None
         if want_morph:
-            sr_bone[i] = s > reference.threshold
-            hr_bone[i] = h > reference.threshold
+            sr_bone[i] = s[vy, vx] > reference.threshold
+            hr_bone[i] = h[vy, vx] > reference.threshold
         rows.append(row)
 
     notes = [grid.describe(opts.hr_slice), _intensity_note(hr, reference.window)]
+    if getattr(sr, "note", None):
+        notes.append(sr.note)
     if b:
         notes.append(f"PSNR/SSIM/NIQE/Ma/PI on slices with a {b}-pixel border cropped (PIRM)")
     summary: dict[str, Any] = {"n_slices": n}
@@ -416,6 +424,16 @@ def _stats(vals: list[float], name: str, notes: list[str]) -> dict[str, float] |
     return {"mean": float(finite.mean()), "std": float(finite.std())}
 
 
+def morph_voi(n: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """Central in-plane window (y0, y1, x0, x1) keeping n x h x w within MORPH_MAX_VOXELS."""
+    if n * height * width <= MORPH_MAX_VOXELS:
+        return 0, height, 0, width
+    side = max(1, int(math.sqrt(MORPH_MAX_VOXELS / n)))
+    h, w = min(side, height), min(side, width)
+    y0, x0 = (height - h) // 2, (width - w) // 2
+    return y0, y0 + h, x0, x0 + w
+
+
 def _morphometry(sr_bone: np.ndarray, hr_bone: np.ndarray, hr: VolumeLike, grid: Grid,
                  reference: Reference, opts: EvalOptions,
                  notes: list[str]) -> dict[str, Any] | None:
@@ -430,6 +448,10 @@ def _morphometry(sr_bone: np.ndarray, hr_bone: np.ndarray, hr: VolumeLike, grid:
                  f"to SR and HR; voxel {sp[0]:g} x {sp[1]:g} x {sp[2]:g} um (z, y, x) on the "
                  "compared slices; Tb.Th/Tb.Sp = mean local thickness (distance transform), "
                  "Tb.N = (BV/TV)/Tb.Th")
+    if sr_bone.shape[1:] != (grid.height, grid.width):
+        notes.append(f"morphometry on the central {sr_bone.shape[1]}x{sr_bone.shape[2]} px of "
+                     f"every compared slice (at most {MORPH_MAX_VOXELS:,} voxels: local "
+                     "thickness time and memory grow with the volume)")
     if reference.hr_morphometry is None:
         reference.hr_morphometry = morph.morphometry(hr_bone, sp)
     return morph.compare(morph.morphometry(sr_bone, sp), reference.hr_morphometry)

@@ -44,13 +44,16 @@ def surface_distance(mask: np.ndarray, spacing: tuple[float, float, float]) -> n
         return np.full(mask.shape, np.inf)
     dist, idx = ndimage.distance_transform_edt(mask, sampling=sp, return_indices=True)
     out = np.zeros(mask.shape, dtype=np.float64)
-    inside = mask & (dist > 0)
-    grid = np.nonzero(inside)
-    vec = np.stack([(idx[a][grid] - grid[a]) * sp[a] for a in range(3)])  # physical
-    length = np.sqrt((vec * vec).sum(axis=0))
-    with np.errstate(divide="ignore"):
-        half = np.min(np.where(vec != 0, (sp[:, None] / 2) / np.abs(vec / length), np.inf), axis=0)
-    out[grid] = length - half
+    where = np.nonzero(mask & (dist > 0))
+    length = dist[where]
+    # the line from the voxel to the nearest other-phase centre leaves that centre's box at
+    # min over axes of (spacing_a / 2) / |cos_a|
+    half = np.full(length.shape, np.inf)
+    for a in range(3):
+        step = np.abs((idx[a][where] - where[a]) * sp[a])
+        with np.errstate(divide="ignore"):
+            half = np.minimum(half, np.where(step > 0, sp[a] / 2 * length / step, np.inf))
+    out[where] = length - half
     return out
 
 

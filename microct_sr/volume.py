@@ -419,7 +419,7 @@ def _open_folder(folder: Path) -> Volume:
 # --------------------------------------------------------------------------------------------
 
 class TiffVolume(Volume):
-    """A multi-page, ImageJ or OME TIFF; contiguous uncompressed data is memory-mapped."""
+    """A multi-page, ImageJ or OME TIFF; contiguous uncompressed data is read by offset."""
 
     def __init__(self, path: Path):
         import tifffile
@@ -430,6 +430,7 @@ class TiffVolume(Volume):
                 series = self._tf.series[0]
         except Exception as e:  # noqa: BLE001
             raise UserError(f"not a readable TIFF ({type(e).__name__}: {e})", path) from None
+        self._raw = None
         try:
             if errors.messages:
                 raise UserError(f"corrupt or truncated TIFF ({errors.messages[0]})", path)
@@ -439,14 +440,14 @@ class TiffVolume(Volume):
             shape, self._rgb = self._shape(series, path)
             if self._page_stack:
                 shape = (len(self._tf.series),) + shape[1:]
-            self._map = None if self._page_stack else self._memmap(series, path)
+            self._open_raw(series, path)
             spacing, source = _tiff_spacing(self._tf, path)
             meta = {"axes": series.axes, "imagej": self._tf.imagej_metadata or {},
                     "bigtiff": self._tf.is_bigtiff}
             super().__init__(path, shape, series.dtype, spacing, source, meta)
             self._check_truncated(path)
         except BaseException:
-            self._tf.close()
+            self.close()
             raise
 
     @staticmethod
@@ -480,20 +481,33 @@ class TiffVolume(Volume):
         z = lead[0] if lead else 1
         return (z, core[-2], core[-1]), rgb
 
-    def _memmap(self, series: Any, path: Path) -> np.ndarray | None:
-        if series.dataoffset is None or self._rgb:
-            return None
-        dt = np.dtype(series.dtype).newbyteorder(self._tf.byteorder)
-        try:
-            return np.memmap(path, dtype=dt, mode="r", offset=series.dataoffset,
-                             shape=tuple(series.shape))
-        except (ValueError, OSError):
-            return None
+    def _open_raw(self, series: Any, path: Path) -> None:
+        """Uncompressed contiguous data: read slices straight from the file by offset (no
+        memory map, so the resident set does not grow with the pages read)."""
+        self._raw = None
+        if self._page_stack or self._rgb or series.dataoffset is None:
+            return
+        self._raw_dtype = np.dtype(series.dtype).newbyteorder(self._tf.byteorder)
+        self._raw_offset = int(series.dataoffset)
+        self._raw_lock = threading.Lock()
+        self._raw = open(path, "rb")
+
+    def _read_raw(self, z0: int, z1: int) -> np.ndarray:
+        ny, nx = self.shape[1:]
+        nbytes = (z1 - z0) * ny * nx * self._raw_dtype.itemsize
+        buf = bytearray(nbytes)  # writable: callers may modify what they get
+        with self._raw_lock:
+            self._raw.seek(self._raw_offset + z0 * ny * nx * self._raw_dtype.itemsize)
+            got = self._raw.readinto(buf)
+        if got != nbytes:
+            raise UserError(f"truncated TIFF (slices {z0}..{z1 - 1} past the end)", self.path)
+        data = np.frombuffer(buf, self._raw_dtype).reshape((z1 - z0, ny, nx))
+        return data if data.dtype.isnative else data.astype(self.dtype.newbyteorder("="))
 
     def _check_truncated(self, path: Path) -> None:
         size = path.stat().st_size
-        if self._map is not None:
-            end = self._series.dataoffset + self._map.nbytes
+        if self._raw is not None:
+            end = self._raw_offset + int(np.prod(self.shape)) * self.dtype.itemsize
         else:
             pages = self._tf.pages if self._page_stack else self._series.pages
             page = pages[len(pages) - 1] if len(pages) else None
@@ -505,9 +519,8 @@ class TiffVolume(Volume):
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
         ny, nx = self.shape[1:]
-        if self._map is not None:
-            flat = self._map.reshape((-1, ny, nx))
-            return np.array(flat[z0:z1], dtype=self.dtype.newbyteorder("="))
+        if self._raw is not None:
+            return self._read_raw(z0, z1)
         try:
             with _TifffileErrors() as errors:
                 if self._page_stack:
@@ -525,7 +538,9 @@ class TiffVolume(Volume):
         return np.asarray(data).reshape((z1 - z0, ny, nx))
 
     def close(self) -> None:
-        self._map = None
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
         self._tf.close()
 
 

@@ -67,7 +67,7 @@ def test_imagej_tiff_round_trip(tmp_path, dtype):
     assert (v.format, v.spacing_source, v.dtype) == ("tiff", "tiff-imagej", np.dtype(dtype))
     assert v.spacing_um == pytest.approx(SPACING)
     np.testing.assert_array_equal(v.read(2, 5), a[2:5])
-    assert v._map is not None  # uncompressed stack is memory-mapped, not read whole
+    assert v._raw is not None  # uncompressed stack: slices read by offset, not whole
 
 
 def _ome_pixels(tf) -> dict:
@@ -164,7 +164,7 @@ def test_compressed_tiff_read_by_pages(tmp_path):
     a = _vol(np.uint8, shape=(5, 16, 16))
     tifffile.imwrite(tmp_path / "z.tif", a, compression="zlib")
     v = open_volume(tmp_path / "z.tif")
-    assert v._map is None and v.spacing_um is None and v.spacing_source == "unknown"
+    assert v._raw is None and v.spacing_um is None and v.spacing_source == "unknown"
     np.testing.assert_array_equal(v.read(1, 4), a[1:4])
 
 
@@ -322,45 +322,58 @@ def test_real_nrrd_without_spacing(shared_data, caplog):
 _MEM_SCRIPT = """
 import resource, sys, tracemalloc, numpy as np
 from microct_sr.volume import open_volume
+
+def hwm():  # peak RSS of this process image (VmHWM resets at exec; ru_maxrss does not)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
 v = open_volume(sys.argv[1])
 v[0]  # imports and first-read buffers are the baseline
+base = hwm()
 tracemalloc.start()  # numpy reports its array buffers to tracemalloc
 if sys.argv[2] == "whole":  # control: what reading it all at once costs
     total = int(v.read(0, len(v)).sum(dtype=np.int64))
 else:
     total = sum(int(v[z].sum(dtype=np.int64)) for z in range(len(v)))
-peak = tracemalloc.get_traced_memory()[1]
-print(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, total)
+print(tracemalloc.get_traced_memory()[1], hwm() - base, total)
 """
 
 
-def _peak_bytes(folder: Path, mode: str = "slices") -> tuple[int, int]:
-    """(peak traced allocation while reading, peak RSS of the process) in bytes, measured in
-    a fresh process."""
-    out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(folder), mode], check=True,
+def _peak_bytes(path: Path, mode: str = "slices") -> tuple[int, int]:
+    """(peak traced allocation, growth of peak RSS) while reading ``path``, in bytes, measured
+    in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(path), mode], check=True,
                          capture_output=True, text=True).stdout.split()
     return int(out[0]), int(out[1])
 
 
-def test_memory_does_not_grow_with_slice_count(tmp_path):
-    """Reading a 400-slice folder slice by slice peaks within a few MiB of a 40-slice one; the
-    whole volume (400 x 384 x 384 x 2 B = 113 MiB) would show, as the control proves."""
+@pytest.mark.parametrize("kind", ["nrecon", "tif"])
+def test_memory_does_not_grow_with_slice_count(tmp_path, kind):
+    """Reading 400 slices one by one costs what 40 do, for a folder of slices and for one TIFF
+    file; the whole volume (400 x 384 x 384 x 2 B = 113 MiB) would show, as the control proves."""
     rng = np.random.default_rng(0)
     s = rng.integers(0, 65535, (384, 384), dtype=np.uint16)
-    for n, name in [(40, "small"), (400, "large")]:
-        with create_volume_writer(tmp_path / name, (n, 384, 384), np.uint16, SPACING) as w:
+    paths = {}
+    for n in (40, 400):
+        paths[n] = tmp_path / (f"s{n}" if kind == "nrecon" else f"s{n}.tif")
+        with create_volume_writer(paths[n], (n, 384, 384), np.uint16, SPACING) as w:
             for _ in range(n):
                 w.write(s)
-    small, rss_small = _peak_bytes(tmp_path / "small")
-    large, rss_large = _peak_bytes(tmp_path / "large")
-    whole, rss_whole = _peak_bytes(tmp_path / "large", "whole")
+    small, rss_small = _peak_bytes(paths[40])
+    large, rss_large = _peak_bytes(paths[400])
+    whole, rss_whole = _peak_bytes(paths[400], "whole")
     mib = 1 / 2**20
-    print(f"\npeak allocation while reading: 40 slices {small * mib:.2f} MiB, 400 slices "
-          f"{large * mib:.2f} MiB, control (400 at once) {whole * mib:.1f} MiB; process peak RSS "
-          f"{rss_small * mib:.0f} / {rss_large * mib:.0f} / {rss_whole * mib:.0f} MiB")
-    assert whole > 100 * 2**20  # the measurement does see a whole-volume read
-    assert large < small + 2 * 2**20  # 400 slices cost what 40 do (one slice is 0.28 MiB)
-    assert rss_large < rss_small + 16 * 2**20
+    print(f"\n{kind}: peak allocation while reading 40 slices {small * mib:.2f} MiB, 400 slices "
+          f"{large * mib:.2f} MiB, control (400 at once) {whole * mib:.1f} MiB; peak RSS growth "
+          f"{rss_small * mib:.1f} / {rss_large * mib:.1f} / {rss_whole * mib:.1f} MiB")
+    assert whole > 100 * 2**20 and rss_whole > 100 * 2**20  # the measurements see a whole read
+    assert large < small + 2 * 2**20  # one slice is 0.28 MiB
+    assert rss_large < rss_small + 8 * 2**20
 
 
 # ---------------------------------------------------------------------------------- more TIFF
@@ -494,3 +507,14 @@ def test_failed_writer_creation_leaves_nothing(tmp_path):
     with pytest.raises((MemoryError, ValueError)):  # SimpleITK writers buffer: too big
         create_volume_writer(tmp_path / "huge.nii", (10**6, 10**6, 10**6), np.uint8, None)
     assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_big_endian_tiff_and_writable_slices(tmp_path):
+    a = _vol(np.uint16, shape=(4, 6, 7))
+    tifffile.imwrite(tmp_path / "be.tif", a, byteorder=">", photometric="minisblack")
+    v = open_volume(tmp_path / "be.tif")
+    s = v.read(1, 3)
+    assert v._raw is not None and s.dtype == np.dtype("uint16") and s.dtype.isnative
+    np.testing.assert_array_equal(s, a[1:3])
+    le = open_volume(write_volume(tmp_path / "le.tif", a, None))[2]
+    le[0, 0] = 1  # slices are ordinary writable arrays

@@ -223,3 +223,31 @@ def test_large_volumes_get_morphometry_on_a_central_window(run_cli, data, monkey
     out = run_json(run_cli, f["good"], f["hr"], "--metrics", "morph")
     assert any("central 64x64 px" in n for n in out["notes"])
     assert abs(out["morphometry"]["bv_tv"]["rel_error"]) < 0.1
+
+
+def test_unknown_spacing_skips_morphometry_unless_given(run_cli, data, tmp_path):
+    d, hr, f = data
+    write_volume(tmp_path / "hr_nospacing.tif", hr, None)
+    out = run_json(run_cli, f["good"], tmp_path / "hr_nospacing.tif", "--metrics", "morph")
+    assert out["morphometry"] is None and any("--spacing-um" in n for n in out["notes"])
+    out = run_json(run_cli, f["good"], tmp_path / "hr_nospacing.tif", "--metrics", "morph",
+                   "--spacing-um", "20")
+    assert out["morphometry"]["tb_th_um"]["hr"] == pytest.approx(
+        2 * run_json(run_cli, f["good"], f["hr"], "--metrics", "morph")
+        ["morphometry"]["tb_th_um"]["hr"])
+
+
+@pytest.mark.iqa
+def test_slices_too_small_for_niqe(run_cli, data, shared_data, tmp_path):
+    if not perceptual.pyiqa_available():
+        pytest.skip("pyiqa is not installed (extra microct-sr[iqa])")
+    d, hr, f = data
+    write_volume(tmp_path / "hr64.tif", hr[:, :64, :64], (10.0, 10.0, 10.0))
+    write_volume(tmp_path / "sr64.tif", hr[4::8, :64, :64], (80.0, 10.0, 10.0))
+    args = (tmp_path / "sr64.tif", tmp_path / "hr64.tif", "--iqa-weights", shared_data / "iqa")
+    out = run_json(run_cli, *args)
+    assert out["niqe"] is None and any("smaller than the 96x96" in n for n in out["notes"])
+    assert out["psnr"] is None  # identical slices: PSNR = inf everywhere, noted
+    assert any("not finite" in n for n in out["notes"])
+    r = run_cli("evaluate", *args, "--metrics", "niqe", "--quiet")
+    assert r.exit_code == 2 and "96x96" in r.stderr

@@ -104,9 +104,9 @@ def command(paths, hr, srs, lr, bicubic, metrics, crop_border, slices, perceptua
     _check_outputs(overwrite, csv_path, table_path, plot_path)
     opts = EvalOptions(metrics=wanted, crop_border=crop_border, slices=parse_slices(slices),
                        perceptual_sample=perceptual_sample, perceptual_crop=perceptual_crop,
-                       seed=seed, hr_slice=hr_slice, spacing_um=spacing_um, quiet=quiet)
-    results = evaluate_files(hr_path, methods, opts, lr_path=lr, explicit_metrics=explicit,
-                             weights_dir=iqa_weights)
+                       seed=seed, hr_slice=hr_slice, spacing_um=spacing_um,
+                       metrics_explicit=explicit, quiet=quiet)
+    results = evaluate_files(hr_path, methods, opts, lr_path=lr, weights_dir=iqa_weights)
     if csv_path:
         report.write_csv(csv_path, results)
     if table_path:

@@ -176,6 +176,7 @@ class EvalOptions:
     seed: int = 0
     hr_slice: str = "middle"
     spacing_um: tuple[float, float, float] | None = None  # overrides HR's spacing
+    metrics_explicit: bool = False  # metrics named by the user: missing means an error
     quiet: bool = False
 
 
@@ -286,6 +287,7 @@ def evaluate_volume(sr: VolumeLike, hr: VolumeLike, opts: EvalOptions, *, label:
     b = opts.crop_border
     if 2 * b >= min(grid.height, grid.width):
         raise UserError(f"--crop-border {b} leaves nothing of {grid.height}x{grid.width} slices")
+    scorer = _fit_scorer(scorer, grid, opts)
     crops = _plan_crops(scorer, n, grid, opts)
     crop_at: dict[int, list] = {}
     for c in crops:
@@ -369,6 +371,21 @@ def make_scorer(metrics: set[str], explicit: bool, weights_dir: str | Path | Non
 class _NoScorer:
     notes: list[str]
     available: frozenset = frozenset()
+
+
+def _fit_scorer(scorer: Any, grid: Grid, opts: EvalOptions) -> Any:
+    """The scorer, or an empty one with a note when slices are too small for NIQE (an error
+    when niqe/ma/pi were asked for by name)."""
+    from .perceptual import NIQE_MIN_SIDE
+
+    side = min(grid.height, grid.width) - 2 * opts.crop_border
+    if scorer is None or not scorer.available or side >= NIQE_MIN_SIDE:
+        return scorer
+    text = (f"slices of {grid.height}x{grid.width} less a {opts.crop_border}-pixel border are "
+            f"smaller than the {NIQE_MIN_SIDE}x{NIQE_MIN_SIDE} pixels NIQE/Ma/PI need")
+    if opts.metrics_explicit:
+        raise UserError(f"{text}; leave niqe/ma/pi out of --metrics")
+    return _NoScorer([f"NIQE/Ma/PI skipped: {text}"])
 
 
 def _plan_crops(scorer: Any, n: int, grid: Grid, opts: EvalOptions) -> list:
@@ -458,7 +475,7 @@ def _morphometry(sr_bone: np.ndarray, hr_bone: np.ndarray, hr: VolumeLike, grid:
 
 
 def evaluate_files(hr_path: str | Path, methods: list[tuple[str, str | Path]], opts: EvalOptions,
-                   *, lr_path: str | Path | None = None, explicit_metrics: bool = False,
+                   *, lr_path: str | Path | None = None,
                    weights_dir: str | Path | None = None) -> list[EvalResult]:
     """Open HR and every ``(label, path)`` SR volume (and the bicubic upscaling of ``lr_path``
     when given, labelled "Bicubic") and evaluate each against HR on shared crops/statistics."""
@@ -466,7 +483,7 @@ def evaluate_files(hr_path: str | Path, methods: list[tuple[str, str | Path]], o
 
     if opts.hr_slice not in HR_SLICE_MODES:
         raise UserError(f"unknown HR slice mode {opts.hr_slice!r} (choose {HR_SLICE_MODES})")
-    scorer = make_scorer(opts.metrics, explicit_metrics, weights_dir)
+    scorer = make_scorer(opts.metrics, opts.metrics_explicit, weights_dir)
     with contextlib.ExitStack() as stack:
         hr = stack.enter_context(open_volume(hr_path, opts.spacing_um))
         volumes: list[tuple[str, VolumeLike]] = [

@@ -118,3 +118,21 @@ def test_too_small_image_is_an_error():
     s = perceptual.PerceptualScorer(set())
     with pytest.raises(ValueError, match="96"):
         s.score(np.zeros((64, 200)))
+
+
+@pytest.mark.iqa
+def test_scorer_builds_pi_from_niqe_and_a_given_ma(niqe_scorer):
+    """With an NRQM that answers Ma = 6.5 (stand-in: the model file is absent offline), PI is
+    ((10 - Ma) + NIQE) / 2 of the same image."""
+    import copy
+
+    import torch
+
+    s = copy.copy(niqe_scorer)
+    s._nrqm = lambda x: torch.tensor(6.5, dtype=torch.float64)
+    s.available = {"niqe", "ma", "pi"}
+    img = np.random.default_rng(2).uniform(0, 255, (128, 160))
+    out = s.score(img)
+    assert out["ma"] == 6.5
+    assert out["pi"] == pytest.approx(((10 - 6.5) + out["niqe"]) / 2)
+    assert out["niqe"] == pytest.approx(niqe_scorer.score(img)["niqe"])

@@ -56,7 +56,7 @@ def _field(shape: tuple[int, int, int], lam: float, rng: np.random.Generator) ->
     k = np.sqrt(kz ** 2 + ky ** 2 + kx ** 2)
     k0 = 1.0 / lam
     spec *= np.exp(-0.5 * ((k - k0) / (0.3 * k0)) ** 2).astype(np.float32)
-    f = np.fft.irfftn(spec, s=shape).astype(np.float32)
+    f = np.fft.irfftn(spec, s=shape, axes=(0, 1, 2)).astype(np.float32)
     f /= f.std() + 1e-12
     return f
 
@@ -173,9 +173,9 @@ def _check(shape, spacing_um, bvtv, thickness_um, dtype, mask) -> None:
     if not 0.02 <= bvtv <= 0.6:
         raise UserError(f"--bvtv must be in [0.02, 0.6], got {bvtv}")
     th_vox = thickness_um / float(np.mean(spacing_um[1:]))
-    if not 2.0 <= th_vox <= min(shape) / 4:
+    if not 2.0 <= th_vox <= max(shape[1:]) / 4:
         raise UserError(f"--thickness-um {thickness_um} is {th_vox:.1f} voxels; it must be "
-                        f"between 2 voxels and a quarter of the smallest side ({min(shape)/4:g})")
+                        f"between 2 voxels and a quarter of the slice size ({max(shape[1:]) / 4:g})")
 
 
 def _procedural(shape, vox, bvtv, thickness_um, cortex, seed):

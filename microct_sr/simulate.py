@@ -39,10 +39,10 @@ FILTERS = ("hamming", "shepp-logan", "cosine", "hann", "ramp")
 # Default photon count: see docs/simulate.md ("Photon count"). An HR scan at 900 views x 464 ms
 # with HR_PHOTONS_PER_PIXEL open-beam counts per 10 um detector pixel per view; the LR scan
 # (225 views x 40 ms) bins 8 x 8 such pixels (8 in-plane, 8 slices) per LR detector pixel:
-HR_PHOTONS_PER_PIXEL = 1800.0
+HR_PHOTONS_PER_PIXEL = 3500.0
 HR_EXPOSURE_MS, LR_EXPOSURE_MS = 464.0, 40.0
 HR_VIEWS, LR_VIEWS = 900, 225
-DEFAULT_PHOTONS = HR_PHOTONS_PER_PIXEL * 8 * 8 * LR_EXPOSURE_MS / HR_EXPOSURE_MS  # 9931
+DEFAULT_PHOTONS = HR_PHOTONS_PER_PIXEL * 8 * 8 * LR_EXPOSURE_MS / HR_EXPOSURE_MS  # 19310
 
 RANDOM_ROTATION_DEG = 10.0     # --random-motion: rotation uniform in [-10, 10] degrees
 RANDOM_SHIFT_LR_PX = 3.0       # and each shift component uniform in [-3, 3] LR pixels

@@ -16,7 +16,7 @@ from ._common import emit_json, json_option, overwrite_option, quiet_option, spa
               help="Projections over 360 degrees.")
 @click.option("--photons", type=float, default=None,
               help="Open-beam photons per LR detector pixel per view; 'inf' = noiseless. "
-                   "Default ~9931: an HR scan of 900 views x 464 ms rescaled to 225 views x "
+                   "Default ~19310: an HR scan of 900 views x 464 ms rescaled to 225 views x "
                    "40 ms (see docs/simulate.md).")
 @click.option("--smoothing", type=float, default=0.5, show_default=True,
               help="Gaussian smoothing sigma in LR pixels after reconstruction (0: none).")

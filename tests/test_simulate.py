@@ -1,0 +1,218 @@
+"""`simulate`: LR scans of real (LHDL) and phantom HR volumes with a known answer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+
+from microct_sr.phantom import make_phantom
+from microct_sr.simulate import SimParams, simulate_slab
+from microct_sr.volume import open_volume
+
+SP = (10.0, 10.0, 10.0)
+WINDOW = (0.0, 255.0)
+
+
+@pytest.fixture(scope="module")
+def phantom_slab() -> np.ndarray:
+    """8 HR slices (one LR slice) of a 256 x 256 phantom with cortex, uint8."""
+    vol, _ = make_phantom((8, 256, 256), SP, bvtv=0.25, thickness_um=80, seed=3)
+    return vol
+
+
+@pytest.fixture(scope="module")
+def phantom_tif(tmp_path_factory) -> str:
+    """A small HR phantom on disk: 20 slices (not a multiple of 8) of 64 x 64 at 10 um."""
+    vol, _ = make_phantom((20, 64, 64), SP, bvtv=0.3, thickness_um=60, cortex=False, seed=1)
+    path = tmp_path_factory.mktemp("hr") / "hr.tif"
+    tifffile.imwrite(path, vol, imagej=True, resolution=(0.1, 0.1),
+                     metadata={"spacing": 10.0, "unit": "um"})
+    return str(path)
+
+
+def area(slab: np.ndarray, f: int = 8) -> np.ndarray:
+    """The area-downsampled slab (mean over f x f pixels of the mean of the slices)."""
+    m = slab.astype(np.float64).mean(axis=0)
+    return m.reshape(m.shape[0] // f, f, m.shape[1] // f, f).mean(axis=(1, 3))
+
+
+def sim(slab: np.ndarray, seed: int = 0, **kw) -> np.ndarray:
+    params = SimParams(window=WINDOW, **kw)
+    return simulate_slab(slab, params, SP, np.random.default_rng(seed))
+
+
+def rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a, float) - np.asarray(b, float)) ** 2)))
+
+
+# ----------------------------------------------------------------------------- CLI, files
+
+@pytest.mark.slow
+def test_lhdl_real_volume_shape_spacing_and_truth(shared_data, tmp_path, run_cli):
+    """The real LHDL scan (treated as 10 um nominal) -> 25^3 NRecon folder at 80 um."""
+    hr = shared_data / "bone" / "lhdl_3155_D_4_bc.tif"
+    out = tmp_path / "lhdl_lr"
+    r = run_cli("simulate", hr, out, "--spacing-um", "10", "--rotation", "5",
+                "--shift-um", "40", "-20", "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    truth = json.loads(r.stdout)
+    assert truth["lr_shape"] == [25, 25, 25] and truth["lr_spacing_um"] == [80.0] * 3
+    log = (out / "lhdl_lr_rec.log").read_text(encoding="latin-1")
+    assert "Pixel Size (um)=80" in log and "Hamming" in log and "Filename Prefix=lhdl_lr_rec" in log
+    assert sorted(p.name for p in out.glob("*.bmp"))[0] == "lhdl_lr_rec00000000.bmp"
+    on_disk = json.loads((out / "simulation.json").read_text())
+    assert on_disk["rotation_deg"] == 5.0 and on_disk["shift_um"] == [40.0, -20.0]
+    for key in ("factor", "views", "photons", "smoothing", "filter", "seed", "hr_spacing_um",
+                "hr_shape", "conventions"):
+        assert key in on_disk
+    with open_volume(out) as lr:
+        assert lr.shape == (25, 25, 25) and lr.spacing_um == (80.0, 80.0, 80.0)
+        lr_mid = lr[12].astype(float)
+    # the LR still shows the bone: it correlates with the area-downsampled HR
+    with open_volume(hr) as h:
+        ref = area(h.read(96, 104))
+    moved_back = _undo(lr_mid, 5.0, (40.0, -20.0), 80.0)
+    c = np.corrcoef(moved_back[4:-4, 4:-4].ravel(), ref[4:-4, 4:-4].ravel())[0, 1]
+    assert c > 0.8
+
+
+def test_phantom_lr_shape_is_ceil_and_seed_determinism(phantom_tif, tmp_path, run_cli):
+    """20 x 64 x 64 -> ceil(20/8) x 8 x 8; same seed -> same bytes; other seed differs."""
+    outs = []
+    for i, seed in enumerate((4, 4, 5)):
+        out = tmp_path / f"lr{i}"
+        r = run_cli("simulate", phantom_tif, out, "--format", "tif", "--seed", str(seed),
+                    "--random-motion", "--quiet", "--json")
+        assert r.exit_code == 0, r.stderr
+        truth = json.loads(r.stdout)
+        assert truth["lr_shape"] == [3, 8, 8]
+        assert (out / "simulation.json").is_file()
+        with open_volume(out / f"lr{i}.tif") as v:
+            assert v.shape == (3, 8, 8) and v.dtype == np.uint8
+            assert v.spacing_um == pytest.approx((80.0, 80.0, 80.0))
+            outs.append((v.read(0, 3), truth["rotation_deg"], truth["shift_um"]))
+    assert np.array_equal(outs[0][0], outs[1][0]) and outs[0][1:] == outs[1][1:]
+    assert not np.array_equal(outs[0][0], outs[2][0]) and outs[0][1] != outs[2][1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--photons", "0"], "photons"),
+    (["--photons", "-10"], "photons"),
+    (["--factor", "6"], "not divisible"),
+])
+def test_bad_options_exit_2(phantom_tif, tmp_path, run_cli, args, message):
+    r = run_cli("simulate", phantom_tif, tmp_path / "out", *args)
+    assert r.exit_code == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_2d_input_exits_2(tmp_path, run_cli):
+    path = tmp_path / "one_slice.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8))
+    r = run_cli("simulate", path, tmp_path / "out", "--spacing-um", "10")
+    assert r.exit_code == 2 and "2D" in r.stderr and "one_slice.tif" in r.stderr
+
+
+def test_existing_output_needs_overwrite(phantom_tif, tmp_path, run_cli):
+    out = tmp_path / "lr"
+    assert run_cli("simulate", phantom_tif, out, "--quiet").exit_code == 0
+    r = run_cli("simulate", phantom_tif, out, "--quiet")
+    assert r.exit_code == 2
+    assert run_cli("simulate", phantom_tif, out, "--quiet", "--overwrite").exit_code == 0
+
+
+# ----------------------------------------------------------------------------- physics
+
+def test_noise_falls_like_one_over_sqrt_photons():
+    """Flat object: the std in the central region scales as 1/sqrt(photons) (x10 -> /3.16)."""
+    flat = np.full((8, 128, 128), 120, np.uint8)
+    stds = []
+    for photons in (2e3, 2e4, 2e5):
+        lr = sim(flat, photons=photons, smoothing=0.0)
+        stds.append(lr[4:12, 4:12].std())
+    for a, b in zip(stds, stds[1:]):
+        assert a / b == pytest.approx(math.sqrt(10), rel=0.25)
+    # and the mean gray value is unbiased
+    assert sim(flat, photons=2e5, smoothing=0.0)[4:12, 4:12].mean() == pytest.approx(120, abs=2)
+
+
+def test_noiseless_motionless_approaches_area_downsampling(phantom_slab):
+    """Without noise, motion or smoothing the LR is close to the area-downsampled slab, and
+    closer than the default (noisy, smoothed) simulation; full-pitch projection likewise."""
+    ref = area(phantom_slab)
+    clean = sim(phantom_slab, photons=None, smoothing=0.0, filter="ramp")
+    noisy = sim(phantom_slab)
+    assert rmse(clean, ref) < 0.1 * (ref.max() - ref.min())
+    assert np.corrcoef(clean.ravel(), ref.ravel())[0, 1] > 0.93
+    assert rmse(clean, ref) < rmse(noisy, ref)
+
+
+def test_half_resolution_projection_matches_full_within_noise(phantom_slab):
+    """proj_pitch 2 (the default) vs 1: the difference is well below the noise std."""
+    full = sim(phantom_slab, photons=None, proj_pitch=1)
+    half = sim(phantom_slab, photons=None, proj_pitch=2)
+    noise = sim(phantom_slab, seed=1) - sim(phantom_slab, photons=None)
+    assert rmse(full, half) < 0.35 * noise.std()
+
+
+def test_lr_is_not_bicubic_or_area_downsampling(phantom_slab):
+    """Power spectrum and noise differ from area/bicubic downsampling of the same slab."""
+    import torch
+    import torch.nn.functional as F
+
+    ref = area(phantom_slab)
+    t = torch.from_numpy(phantom_slab.astype(np.float32).mean(0))[None, None]
+    bic = F.interpolate(t, scale_factor=1 / 8, mode="bicubic", antialias=True,
+                        align_corners=False)[0, 0].numpy()
+    lr = sim(phantom_slab)
+
+    def hf_fraction(img: np.ndarray) -> float:
+        p = np.abs(np.fft.fft2(img - img.mean())) ** 2
+        k = np.hypot(*np.meshgrid(np.fft.fftfreq(img.shape[0]), np.fft.fftfreq(img.shape[1]),
+                                  indexing="ij"))
+        return float(p[k > 0.25].sum() / p.sum())
+
+    # the scanner's filter/smoothing removes high frequencies that area/bicubic keep
+    assert hf_fraction(lr) < 0.7 * hf_fraction(ref)
+    assert hf_fraction(lr) < 0.7 * hf_fraction(bic)
+    # and the residual is not small: several gray levels
+    assert rmse(lr, ref) > 5 and rmse(lr, bic) > 5
+    # noise: the simulated LR's flat-region noise differs from the downsampled HR noise
+    flat = np.full((8, 128, 128), 60, np.uint8) + np.random.default_rng(0).normal(
+        0, 7, (8, 128, 128)).clip(-50, 50).astype(np.int8)
+    flat = flat.astype(np.uint8)
+    assert sim(flat)[3:13, 3:13].std() > 2 * area(flat)[3:13, 3:13].std()
+
+
+def _undo(lr: np.ndarray, rotation_deg: float, shift_um: tuple[float, float],
+          lr_um: float) -> np.ndarray:
+    """Resample the moved LR back to the HR frame with simulation.json's conventions:
+    p_hr = R(-a) (p_lr - c - shift) + c, p = (x, y) from the field centre c."""
+    a = math.radians(rotation_deg)
+    n = lr.shape[0]
+    c = np.array([(n - 1) / 2, (n - 1) / 2])                   # (row, col) of the centre
+    # output pixel o = p_hr (row y, col x); input = p_lr = R(a) (p_hr - c) + c + shift
+    rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])  # R(a) on (y, x)
+    shift = np.array([shift_um[1], shift_um[0]]) / lr_um
+    return ndimage.affine_transform(lr, rot, offset=c - rot @ c + shift, order=1,
+                                    mode="nearest")
+
+
+def test_motion_truth_undone_matches_motionless_run(phantom_slab):
+    """Undo the recorded rotation/shift on the moved LR: it matches the motionless LR much
+    better than undoing with the opposite rotation sign or not undoing at all."""
+    rot, shift = 12.0, (160.0, -80.0)            # 2 and -1 LR pixels
+    still = sim(phantom_slab, photons=None)
+    moved = sim(phantom_slab, photons=None, rotation_deg=rot, shift_um=shift)
+    inner = (slice(6, -6), slice(6, -6))
+    good = rmse(_undo(moved, rot, shift, 80.0)[inner], still[inner])
+    wrong_sign = rmse(_undo(moved, -rot, shift, 80.0)[inner], still[inner])
+    wrong_shift = rmse(_undo(moved, rot, (-shift[0], -shift[1]), 80.0)[inner], still[inner])
+    none = rmse(moved[inner], still[inner])
+    assert good < 0.5 * min(wrong_sign, wrong_shift, none)
+    assert good < 12

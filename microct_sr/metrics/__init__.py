@@ -278,31 +278,65 @@ def evaluate_volume(sr: VolumeLike, hr: VolumeLike, opts: EvalOptions, *, label:
     """Evaluate one SR volume against HR. ``scorer`` is a ``perceptual.PerceptualScorer`` (or
     None when no perceptual metric is wanted or pyiqa is missing); ``reference`` may be shared
     between methods on the same grid."""
-    from ..progress import progress
-
     grid = grid or check_pair(sr, hr)
     reference = reference or reference_stats(hr, grid, opts)
-    k0, k1 = reference.z_range
-    n = k1 - k0
     b = opts.crop_border
     if 2 * b >= min(grid.height, grid.width):
         raise UserError(f"--crop-border {b} leaves nothing of {grid.height}x{grid.width} slices")
     scorer = _fit_scorer(scorer, grid, opts)
+    scan = _scan(sr, hr, grid, reference, opts, scorer, label)
+
+    notes = [grid.describe(opts.hr_slice), _intensity_note(hr, reference.window)]
+    if getattr(sr, "note", None):
+        notes.append(sr.note)
+    if b:
+        notes.append(f"PSNR/SSIM/NIQE/Ma/PI on slices with a {b}-pixel border cropped (PIRM)")
+    summary: dict[str, Any] = {"n_slices": len(scan.rows)}
+    values: dict[str, list[float]] = {}
+    for name in ("psnr", "ssim", "niqe", "ma", "pi"):
+        values[name] = scan.values.get(name, [])
+        summary[name] = _stats(values[name], name, notes) if name in scan.values else None
+    if scan.crops:
+        notes.append(_crop_note(scan.crops, opts))
+    if scorer is not None:
+        notes.extend(scorer.notes)
+    summary["morphometry"] = (_morphometry(scan.sr_bone, scan.hr_bone, hr, grid, reference,
+                                           opts, notes) if scan.sr_bone is not None else None)
+    summary["notes"] = notes
+    return EvalResult(label, summary, scan.rows, values)
+
+
+@dataclass
+class _Scan:
+    """What one pass over the slices collects."""
+
+    rows: list[dict[str, Any]]
+    values: dict[str, list[float]]  # per slice (psnr, ssim) or per crop (niqe, ma, pi)
+    crops: list
+    sr_bone: np.ndarray | None
+    hr_bone: np.ndarray | None
+
+
+def _scan(sr: VolumeLike, hr: VolumeLike, grid: Grid, reference: Reference, opts: EvalOptions,
+          scorer: Any, label: str) -> _Scan:
+    """One pass: per-slice PSNR/SSIM, perceptual scores of the crops, binary stacks."""
+    from ..progress import progress
+
+    k0, k1 = reference.z_range
+    n, b = k1 - k0, opts.crop_border
     crops = _plan_crops(scorer, n, grid, opts)
     crop_at: dict[int, list] = {}
     for c in crops:
         crop_at.setdefault(c.z, []).append(c)
-
-    want_morph = "morph" in opts.metrics
-    voi = morph_voi(n, grid.height, grid.width)
-    vy, vx = slice(voi[0], voi[1]), slice(voi[2], voi[3])
-    shape = (n, voi[1] - voi[0], voi[3] - voi[2])
-    sr_bone = np.zeros(shape, bool) if want_morph else None
-    hr_bone = np.zeros_like(sr_bone) if want_morph else None
+    fid = [m for m in ("psnr", "ssim") if m in opts.metrics]
+    values: dict[str, list[float]] = {m: [] for m in fid}
+    values.update({m: [] for m in sorted(scorer.available)} if scorer else {})
+    y0, y1, x0, x1 = morph_voi(n, grid.height, grid.width)
+    sr_bone = np.zeros((n, y1 - y0, x1 - x0), bool) if "morph" in opts.metrics else None
+    hr_bone = None if sr_bone is None else np.zeros_like(sr_bone)
     rows: list[dict[str, Any]] = []
-    perc: dict[str, list[float]] = {m: [] for m in sorted(scorer.available)} if scorer else {}
-    bar = progress(range(k0, k1), desc=f"evaluate {label}", quiet=opts.quiet, unit="slice")
-    for i, k in enumerate(bar):
+    for i, k in enumerate(progress(range(k0, k1), desc=f"evaluate {label}", quiet=opts.quiet,
+                                   unit="slice")):
         s = _read_checked(sr, k, k + 1)[0]
         h = _hr_slice(hr, grid, k, opts.hr_slice)
         s255 = fidelity.crop_border(fidelity.to_255(s, reference.window), b)
@@ -310,41 +344,18 @@ def evaluate_volume(sr: VolumeLike, hr: VolumeLike, opts: EvalOptions, *, label:
         z0, z1 = grid.hr_range(k, opts.hr_slice)
         row: dict[str, Any] = {"label": label, "sr_slice": k, "hr_slice_start": z0,
                                "hr_slice_stop": z1}
-        if "psnr" in opts.metrics:
-            row["psnr"] = fidelity.psnr(s255, h255)
-        if "ssim" in opts.metrics:
-            row["ssim"] = fidelity.ssim(s255, h255)
+        for name in fid:
+            row[name] = getattr(fidelity, name)(s255, h255)
+            values[name].append(row[name])
         for name, vals in _score_crops(scorer, s255, crop_at.get(i, [])).items():
-            perc[name].extend(vals)
-            row[name] = float(np.nanmean(vals)) if vals else None
-        if want_morph:
-            sr_bone[i] = s[vy, vx] > reference.threshold
-            hr_bone[i] = h[vy, vx] > reference.threshold
+            values[name].extend(vals)
+            finite = [v for v in vals if math.isfinite(v)]
+            row[name] = float(np.mean(finite)) if finite else None
+        if sr_bone is not None:
+            sr_bone[i] = s[y0:y1, x0:x1] > reference.threshold
+            hr_bone[i] = h[y0:y1, x0:x1] > reference.threshold
         rows.append(row)
-
-    notes = [grid.describe(opts.hr_slice), _intensity_note(hr, reference.window)]
-    if getattr(sr, "note", None):
-        notes.append(sr.note)
-    if b:
-        notes.append(f"PSNR/SSIM/NIQE/Ma/PI on slices with a {b}-pixel border cropped (PIRM)")
-    summary: dict[str, Any] = {"n_slices": n}
-    values: dict[str, list[float]] = {}
-    for name in ("psnr", "ssim"):
-        vals = [r[name] for r in rows] if name in opts.metrics else []
-        summary[name] = _stats(vals, name, notes) if name in opts.metrics else None
-        values[name] = vals
-    for name in ("niqe", "ma", "pi"):
-        vals = perc.get(name, [])
-        summary[name] = _stats(vals, name, notes) if name in perc else None
-        values[name] = vals
-    if perc:
-        notes.append(_crop_note(crops, opts))
-    if scorer is not None:
-        notes.extend(scorer.notes)
-    summary["morphometry"] = (_morphometry(sr_bone, hr_bone, hr, grid, reference, opts, notes)
-                              if want_morph else None)
-    summary["notes"] = notes
-    return EvalResult(label, summary, rows, values)
+    return _Scan(rows, values, crops, sr_bone, hr_bone)
 
 
 def make_scorer(metrics: set[str], explicit: bool, weights_dir: str | Path | None) -> Any:

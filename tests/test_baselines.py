@@ -17,6 +17,7 @@ BASELINES = ["rcan", "edsr", "srcnn", "rrdbnet"]
 @pytest.mark.parametrize("name", ["tiny", "small"])
 def test_maps_lr_to_8x(arch, name):
     model = build_model(preset(arch, name))
+    assert model.config.scale == 8  # upscale reads the factor from model.config
     out = model(torch.rand(2, 1, 6, 10))
     assert out.shape == (2, 1, 48, 80) and torch.isfinite(out).all()
 

@@ -10,7 +10,11 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+import tifffile
 import torch
 
 from _train_data import make_pair_folder
@@ -197,6 +201,16 @@ def test_cli_runs_and_refuses_to_clobber(pairs, tmp_path, run_cli):
     assert load_model(tmp_path / "run" / "model.pt")[1]["config"]["n_feats"] == 8
     r = run_cli(*args)
     assert r.exit_code == 2 and "--resume" in r.stderr
+
+    lr_scan = tmp_path / "lr.tif"  # the trained model file works in `upscale` as is
+    tifffile.imwrite(lr_scan, np.stack([tifffile.imread(p) for p in
+                                        sorted((Path(pairs[0]) / "lr").glob("*.tif"))[:3]]),
+                     photometric="minisblack")
+    r = run_cli("upscale", lr_scan, tmp_path / "sr.tif", "--model", tmp_path / "run" / "model.pt",
+                "--spacing-um", "80,80,80", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    sr = tifffile.imread(tmp_path / "sr.tif")
+    assert sr.shape == (3, 32, 32) and sr.dtype == np.uint8
 
 
 @pytest.mark.slow

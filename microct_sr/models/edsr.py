@@ -31,6 +31,7 @@ class EDSR(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         c = config.n_feats
         self.head = conv3x3(config.in_channels, c)
         blocks = [ResBlock(c, config.res_scale) for _ in range(config.n_resblocks)]

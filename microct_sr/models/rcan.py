@@ -18,6 +18,7 @@ class RCAN(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         c = config.n_feats
         self.head = conv3x3(config.in_channels, c)
         groups = [ResidualGroup([RCAB(c, config.reduction) for _ in range(config.n_rcabs)], c)

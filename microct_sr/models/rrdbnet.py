@@ -47,6 +47,7 @@ class RRDBNet(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         c = config.n_feats
         self.head = conv3x3(config.in_channels, c)
         self.body = nn.Sequential(*(RRDB(c, config.growth) for _ in range(config.n_rrdb)),

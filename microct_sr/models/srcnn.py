@@ -19,6 +19,7 @@ class SRCNN(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         c = config.n_feats
         self.scale = config.scale
         self.body = nn.Sequential(

@@ -1,15 +1,17 @@
 """Register a real LR scan to its HR scan and cut matching LR/HR training patches.
 
-Geometry (see docs/pair.md): pixel coordinates have their origin at the corner of pixel
-(0, 0), so pixel (i, j) spans x in [j, j+1), y in [i, i+1). The registration maps an LR
-position to an HR position:
+Geometry (see docs/pair.md): internally pixel coordinates have their origin at the corner of
+pixel (0, 0), so pixel (i, j) spans x in [j, j+1), y in [i, i+1), and the registration
+(:class:`Rigid`) maps an LR position to an HR position:
 
     P_hr = factor * R(angle) @ P_lr + t_hr          (x, y in each scan's own pixels)
 
-with R the counter-clockwise rotation in the (x, y) image plane (y pointing down, so a positive
-angle turns the image clockwise on screen). Identity (angle 0, t 0) is the SR grid convention:
+with R(a) = [[cos a, -sin a], [sin a, cos a]] on (x, y). Identity is the SR grid convention:
 LR pixel (i, j) covers HR pixels [8i, 8i+8) x [8j, 8j+8). In Z, LR slice k covers HR slices
-[factor*k + z0, factor*k + z0 + factor) with z0 = ``z_offset_hr_slices``.
+[factor*k + z0, factor*k + z0 + factor) with z0 = ``z_offset_hr_slices``. ``registration.json``
+reports the motion in simulate's convention instead (``CONVENTIONS``, ``Registration.motion``):
+p_lr = R(angle_deg) (p_hr - c) + c + shift_um about the HR field's centre c, so it compares
+directly with ``simulation.json``.
 
 Matching never crosses the 8x gap: the LR slice is upsampled (cubic) by ``u`` and the HR slab
 (the ``factor`` HR slices one LR slice covers, averaged) is area-downsampled by ``factor/u`` to a
@@ -50,18 +52,24 @@ CSV_COLUMNS = ["patch_id", "scan_id", "lr_slice", "hr_slice", "lr_x", "lr_y", "h
                "angle_deg", "ncc"]
 SCAN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 CONVENTIONS = {
-    "pixel_origin": "corner of pixel (0, 0); pixel (i, j) spans x in [j, j+1), y in [i, i+1)",
-    "mapping": "P_hr = factor * R(angle_deg) @ P_lr + shift_hr_px, positions (x, y) in each "
-               "scan's own pixels; shift_um = shift_hr_px * HR pixel size (x, y)",
-    "rotation": "R = [[cos, -sin], [sin, cos]] acting on (x, y) with y pointing down (rows): "
-                "a positive angle_deg turns the LR content clockwise on screen to land on HR",
-    "z": "LR slice k covers HR slices [factor*k + z_offset_hr_slices, "
-         "factor*k + z_offset_hr_slices + factor); its HR patch is slice "
-         "factor*k + z_offset_hr_slices + factor//2",
+    "frame": "arrays (z, y, x); positions p = (x, y) in micrometres from the corner of pixel "
+             "(0, 0) of each scan (x = column, right; y = row, down)",
+    "motion": "p_lr = R(angle_deg) (p_hr - c) + c + shift_um: an HR point p_hr appears at p_lr "
+              "in the LR scan; c = centre of the HR slice field of view (x_size/2, y_size/2); "
+              "the same convention as simulate's simulation.json (rotation_deg, shift_um), so "
+              "the two compare directly. Undo: p_hr = R(-angle_deg) (p_lr - c - shift_um) + c",
+    "rotation": "R(a) = [[cos a, -sin a], [sin a, cos a]] acting on (x, y): a positive angle "
+                "turns +x towards +y, i.e. clockwise as displayed with y pointing down",
+    "shift_hr_px": "shift_um in HR pixels (given also when the voxel size is unknown)",
+    "lr_to_hr_px": "2x3 affine [A | b]: (x_hr, y_hr) = A (x_lr, y_lr) + b in pixel units with "
+                   "corner origin, i.e. LR pixel (i, j) centre (j + 0.5, i + 0.5)",
+    "z": "LR slice k covers HR slices [factor*k + z_offset_hr_slices, factor*k + "
+         "z_offset_hr_slices + factor); its HR patch is slice factor*k + z_offset_hr_slices + "
+         "factor//2 (simulate's z_offset is 0)",
     "resampled": "HR is resampled (cubic) into the LR orientation; LR pixels are untouched",
-    "lr_x_lr_y": "centre of the LR crop in LR pixels (corner origin): the crop is "
+    "lr_x_lr_y": "pairs.csv: centre of the LR crop in LR pixels (corner origin): the crop is "
                  "LR[lr_slice, lr_y - p/2 : lr_y + p/2, lr_x - p/2 : lr_x + p/2]",
-    "hr_x_hr_y": "centre of the HR crop in the HR scan's own pixels (corner origin)",
+    "hr_x_hr_y": "pairs.csv: centre of the HR crop in the HR scan's own pixels (corner origin)",
 }
 
 
@@ -294,21 +302,33 @@ class Registration:
     z_ncc: dict[int, float]
     ncc: float
     hr_spacing_um: float | None
+    hr_shape_yx: tuple[int, int]
     best: SliceFit | None = None
+
+    def motion(self) -> tuple[float, np.ndarray]:
+        """(angle_deg, shift in HR px) in simulate's convention (see CONVENTIONS)."""
+        r = self.rigid
+        c = np.array([self.hr_shape_yx[1], self.hr_shape_yx[0]], float) / 2
+        a = math.radians(r.angle_deg)
+        r_inv = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+        return -r.angle_deg, r_inv @ (c - np.asarray(r.t_hr)) - c
 
     def to_json(self) -> dict:
         """The ``registration.json`` object for this scan."""
         sx = self.hr_spacing_um
-        t = self.rigid.t_hr
+        angle, shift = self.motion()
+        m = np.hstack([self.rigid.factor * self.rigid.rotation(),
+                       np.asarray(self.rigid.t_hr)[:, None]])
         return {
             "scan_id": self.scan_id,
             "method": self.method,
-            "angle_deg": round(self.rigid.angle_deg, 4),
-            "shift_um": None if sx is None else [round(t[0] * sx, 3), round(t[1] * sx, 3)],
+            "angle_deg": round(angle, 4),
+            "shift_um": None if sx is None else [round(float(v) * sx, 3) for v in shift],
             "z_offset_hr_slices": int(self.z_offset),
             "inliers": int(self.inliers),
             "slices_used": [int(k) for k in self.slices_used],
-            "shift_hr_px": [round(t[0], 3), round(t[1], 3)],
+            "shift_hr_px": [round(float(v), 3) for v in shift],
+            "lr_to_hr_px": np.round(m, 6).tolist(),
             "factor": self.rigid.factor,
             "hr_pixel_um": sx,
             "registration_ncc": round(self.ncc, 4),
@@ -329,10 +349,11 @@ class PairOptions:
     n_slices: int = 24
     match_size: int = 512
     ratio: float = 0.8
-    min_inliers: int = 10
+    min_inliers: int = 8
     max_scale_error: float = 0.05
-    ransac_threshold: float = 3.0
+    ransac_threshold_lr_px: float = 0.75
     min_registration_ncc: float = 0.3
+    refine: bool = True
     jobs: int = 2
     seed: int = 0
     quiet: bool = False
@@ -401,7 +422,7 @@ class _Matcher:
         img = stretch_u8(area_down(slab, self.d))
         return img, detect(img)
 
-    def fit(self, k: int, z0: int) -> SliceFit:
+    def fit(self, k: int, z0: int, method: str | None = None) -> SliceFit:
         _, fl = self.lr_features(k)
         _, fh = self.hr_features(k, z0)
         m = match(fl, fh, self.o.ratio)
@@ -409,16 +430,18 @@ class _Matcher:
         if len(m):
             fit.all_src = fl.pts[m[:, 0].astype(int)]
             fit.all_dst = fh.pts[m[:, 1].astype(int)]
-        if self.o.method == "two-point":
+        if (method or self.o.method) == "two-point":
             size = min(self._lr_cache[k][0].shape)
             return fit_two_point(fit, min_separation=0.1 * size)
         return fit_ransac(fit, min_inliers=self.o.min_inliers,
                           max_scale_error=self.o.max_scale_error,
-                          threshold_px=self.o.ransac_threshold, seed=self.o.seed + k)
+                          threshold_px=max(2.0, self.o.ransac_threshold_lr_px * self.u),
+                          seed=self.o.seed + k)
 
-    def fit_many(self, pairs: list[tuple[int, int]]) -> list[SliceFit]:
+    def fit_many(self, pairs: list[tuple[int, int]], method: str | None = None
+                 ) -> list[SliceFit]:
         with ThreadPoolExecutor(max(1, self.o.jobs)) as ex:
-            return list(ex.map(lambda kz: self.fit(*kz), pairs))
+            return list(ex.map(lambda kz: self.fit(*kz, method=method), pairs))
 
 
 def combine(fits: list[SliceFit], method: str, factor: int, d: int, u: int,
@@ -508,6 +531,78 @@ def z_profile(reader: _Reader, ks: list[int], rigid: Rigid, offsets: list[int],
             for z0 in offsets if any(z0 in p for p in per)}
 
 
+def _slice_ncc(lr_slice: np.ndarray, hr_small: np.ndarray, rigid: Rigid,
+               mask: np.ndarray | None = None) -> float:
+    """NCC of the LR slice warped onto ``hr_small`` (HR orientation, LR pixel size), over
+    ``mask`` (default: where the warp is defined, less one pixel)."""
+    warped = warp_lr_to_hr_grid(lr_slice, rigid, hr_small.shape)
+    valid = np.isfinite(warped)
+    if mask is None:
+        valid[[0, -1], :] = valid[:, [0, -1]] = False
+    else:
+        valid &= mask
+    return ncc(warped[valid], hr_small[valid]) if valid.sum() >= 16 else 0.0
+
+
+def _fixed_mask(lr_slice: np.ndarray, shape: tuple[int, int], rigid: Rigid, margin: int
+                ) -> np.ndarray:
+    """Where the LR warp is defined at ``rigid``, eroded by ``margin`` px, away from the
+    HR border: a fixed region, so the cost does not jump as the warp's edge moves."""
+    from scipy import ndimage
+
+    valid = np.isfinite(warp_lr_to_hr_grid(lr_slice, rigid, shape))
+    valid = ndimage.binary_erosion(valid, iterations=margin)
+    valid[:margin], valid[-margin:], valid[:, :margin], valid[:, -margin:] = (False,) * 4
+    return valid
+
+
+def refine_ncc(reader: _Reader, ks: list[int], rigid: Rigid, z0: int,
+               lr_shape_yx: Sequence[int], max_change_lr_px: float = 2.0,
+               blur_lr_px: float = 1.0, margin: int = 3) -> Rigid:
+    """Polish the feature-based transform by maximising the mean NCC between the warped LR
+    slices and the HR slab means at LR pixel size, blurred by ``blur_lr_px`` (a scanner's LR is
+    blurrier than a box average; matching the blur smooths the cost), by Nelder-Mead over the
+    angle about the LR centre and the shift. Kept only when it moves the LR corners by less
+    than ``max_change_lr_px``."""
+    from scipy.optimize import minimize
+
+    cv2 = _cv2()
+    f = rigid.factor
+    data = []
+    for k in ks:
+        slab = reader.hr_slices(f * k + z0, f * k + z0 + f).astype(np.float32).mean(0)
+        hr_small = cv2.GaussianBlur(area_down(slab, f), (0, 0), blur_lr_px)
+        lr_k = reader.lr_slice(k).astype(np.float32)
+        data.append((lr_k, hr_small, _fixed_mask(lr_k, hr_small.shape, rigid, margin)))
+    c = np.array([lr_shape_yx[1], lr_shape_yx[0]], float) / 2
+
+    def make(p: np.ndarray) -> Rigid:
+        ang = rigid.angle_deg + p[0]
+        r0 = rigid.rotation()
+        r1 = Rigid(ang, (0, 0), f).rotation()
+        t = np.asarray(rigid.t_hr) + f * (r0 - r1) @ c + p[1:] * f
+        return Rigid(float(ang), (float(t[0]), float(t[1])), f)
+
+    def cost(p: np.ndarray) -> float:
+        rg = make(p)
+        return -float(np.mean([_slice_ncc(a, b, rg, m) for a, b, m in data]))
+
+    res = minimize(cost, np.zeros(3), method="Nelder-Mead",
+                   options={"initial_simplex": np.array([[0, 0, 0], [0.5, 0, 0], [0, 0.3, 0],
+                                                         [0, 0, 0.3]], float),
+                            "xatol": 1e-3, "fatol": 1e-6, "maxiter": 400})
+    new = make(res.x)
+    corners = np.array([[0, 0], [2 * c[0], 0], [0, 2 * c[1]], [2 * c[0], 2 * c[1]]])
+    move = np.abs(new.lr_to_hr(corners) - rigid.lr_to_hr(corners)).max() / f
+    if not res.fun < cost(np.zeros(3)):
+        return rigid
+    if move >= max_change_lr_px:
+        log.warning("NCC refinement moved the transform by %.1f LR px; kept the feature fit",
+                    move)
+        return rigid
+    return new
+
+
 def check_inputs(lr, hr, opts: PairOptions) -> None:
     """Sizes and pixel sizes about ``factor`` apart; enough slices; a known method."""
     f = opts.factor
@@ -556,8 +651,8 @@ def register(lr, hr, opts: PairOptions, scan_id: str = "scan") -> Registration:
     u = grid_upsample(lr.shape[1:], f, opts.match_size)
     mt = _Matcher(reader, opts, u)
     n_lr, n_hr = lr.shape[0], hr.shape[0]
-    # 1. coarse Z (steps of half an LR slice) by the ratio-test match count on a few slices
-    step = max(1, f // 2)
+    # 1. coarse Z (steps of a quarter LR slice) by the RANSAC inlier count on a few slices
+    step = max(1, f // 4)
     coarse = [z for z in range(-(zs // step) * step, zs + 1, step)
               if valid_lr_slices(n_lr, n_hr, f, z, z)]
     if not coarse:
@@ -567,26 +662,42 @@ def register(lr, hr, opts: PairOptions, scan_id: str = "scan") -> Registration:
     if len(coarse) > 1:
         score = {}
         for z in coarse:
-            fits = mt.fit_many([(k, z) for k in _sample(valid_lr_slices(n_lr, n_hr, f, z, z), 6)])
-            score[z] = np.mean([x.n_matches for x in fits])
+            ks_z = _sample(valid_lr_slices(n_lr, n_hr, f, z, z), 6)
+            fits = mt.fit_many([(k, z) for k in ks_z], method="ransac")
+            score[z] = float(np.mean([len(x.src) + 1e-3 * x.n_matches for x in fits]))
         z_c = max(score, key=score.get)
         log.debug("coarse Z offset scores %s", score)
     # 2. in-plane fit at the coarse offset
     ks = _sample(valid_lr_slices(n_lr, n_hr, f, z_c, z_c), opts.n_slices)
     rigid, used = combine(mt.fit_many([(k, z_c) for k in ks]), opts.method, f, mt.d, u)
     _check_fit(used, ks, opts, lr, hr)
-    # 3. fine Z by NCC around the coarse offset
-    offsets = [z for z in range(z_c - f, z_c + f + 1) if -zs <= z <= zs]
-    prof = z_profile(reader, [x.lr_slice for x in used], rigid, offsets, n_hr, opts.jobs)
-    if not prof:
-        raise UserError("the registered LR and HR fields of view do not overlap", _path(lr))
-    z0 = max(prof, key=prof.get)
-    # 4. final in-plane fit at the fine offset
-    if z0 != z_c:
-        ks = _sample(valid_lr_slices(n_lr, n_hr, f, z0, z0), opts.n_slices)
-        rigid2, used2 = combine(mt.fit_many([(k, z0) for k in ks]), opts.method, f, mt.d, u)
-        if len(used2) >= len(used) // 2 and len(used2) >= 1:
-            rigid, used = rigid2, used2
+    refine = opts.method == "ransac" and opts.refine
+
+    def polish(rg: Rigid, z: int) -> Rigid:
+        ks_z = _sample(valid_lr_slices(n_lr, n_hr, f, z, z), opts.n_slices)
+        return refine_ncc(reader, ks_z, rg, z, lr.shape[1:]) if refine else rg
+
+    rigid = polish(rigid, z_c)
+    # 3. fine Z by NCC around the coarse offset (slices valid for every candidate)
+    z0, prof = z_c, {}
+    for _ in range(2):
+        offsets = [z for z in range(z0 - f, z0 + f + 1) if -zs <= z <= zs]
+        prof = z_profile(reader, _z_slices(n_lr, n_hr, f, offsets, opts.n_slices), rigid,
+                         offsets, n_hr, opts.jobs)
+        if not prof:
+            raise UserError("the registered LR and HR fields of view do not overlap", _path(lr))
+        z_new = max(prof, key=prof.get)
+        if z_new == z0:
+            break
+        z0 = z_new
+        # 4. in-plane fit again at the fine offset
+        if refine:
+            rigid = polish(rigid, z0)
+        else:
+            ks = _sample(valid_lr_slices(n_lr, n_hr, f, z0, z0), opts.n_slices)
+            rigid2, used2 = combine(mt.fit_many([(k, z0) for k in ks]), opts.method, f, mt.d, u)
+            if len(used2) >= len(used) // 2 and len(used2) >= 1:
+                rigid, used = rigid2, used2
     reg_ncc = z_profile(reader, [x.lr_slice for x in used], rigid, [z0], n_hr, opts.jobs)
     r_ncc = reg_ncc.get(z0, float("nan"))
     if not r_ncc >= opts.min_registration_ncc:
@@ -597,7 +708,13 @@ def register(lr, hr, opts: PairOptions, scan_id: str = "scan") -> Registration:
     best = max(used, key=lambda x: len(x.src))
     return Registration(scan_id, opts.method, rigid, z0, sum(len(x.src) for x in used),
                         sorted(x.lr_slice for x in used), len(ks), u, prof, r_ncc,
-                        hr_pixel_um(lr, hr, f), best)
+                        hr_pixel_um(lr, hr, f), tuple(hr.shape[1:]), best)
+
+
+def _z_slices(n_lr: int, n_hr: int, f: int, offsets: list[int], n: int) -> list[int]:
+    """Up to ``n`` LR slices valid for every offset (or, failing that, for some)."""
+    ks = valid_lr_slices(n_lr, n_hr, f, min(offsets), max(offsets))
+    return _sample(ks or list(range(n_lr)), n)
 
 
 def _check_fit(used: list[SliceFit], ks: list[int], opts: PairOptions, lr, hr) -> None:
@@ -823,7 +940,7 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
                                  "hr_slice": pt.hr_slice, "lr_x": f"{pt.lr_x:g}",
                                  "lr_y": f"{pt.lr_y:g}", "hr_x": f"{pt.hr_x:.2f}",
                                  "hr_y": f"{pt.hr_y:.2f}",
-                                 "angle_deg": f"{reg.rigid.angle_deg:.4f}",
+                                 "angle_deg": f"{reg_json['angle_deg']:.4f}",
                                  "ncc": f"{pt.ncc:.4f}"})
         if not rows:
             raise UserError(

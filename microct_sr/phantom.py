@@ -94,6 +94,20 @@ def _cortex(shape: tuple[int, int, int], thick_vox: float) -> tuple[np.ndarray, 
     return np.minimum(d_out, -d_in).astype(np.float32), d_in > 1.0
 
 
+def cortex_thickness_vox(shape: tuple[int, int, int], trab_thickness_vox: float) -> float:
+    """Cortical shell thickness: 6% of the slice size, within 1.5-3 trabecular thicknesses."""
+    return float(np.clip(0.06 * min(shape[1:]), 1.5 * trab_thickness_vox,
+                         3.0 * trab_thickness_vox))
+
+
+def trabecular_compartment(shape: tuple[int, int, int], spacing_um: tuple[float, float, float],
+                           thickness_um: float) -> np.ndarray:
+    """(y, x) mask of the trabecular compartment inside the cortex of a phantom made with
+    ``cortex=True`` and this ``shape``, ``spacing_um`` and requested ``thickness_um``."""
+    target = thickness_um / float(np.mean(spacing_um[1:]))
+    return _cortex(shape, cortex_thickness_vox(shape, target))[1]
+
+
 def _fraction(d: np.ndarray) -> np.ndarray:
     return np.clip(0.5 + d, 0.0, 1.0).astype(np.float32)
 
@@ -183,8 +197,7 @@ def _procedural(shape, vox, bvtv, thickness_um, cortex, seed):
     target = thickness_um / vox
     cort_d, inside = (None, None)
     if cortex:
-        cort_d, inside = _cortex(shape, float(np.clip(0.06 * min(shape[1:]), 1.5 * target,
-                                                     3.0 * target)))
+        cort_d, inside = _cortex(shape, cortex_thickness_vox(shape, target))
     # plate model: BV/TV ~ thickness x surface density ~ thickness / (0.4 lam); then a
     # secant search on log(thickness) vs log(lam), keeping the closest result
     lam = target / (0.4 * bvtv) * 0.9

@@ -1,0 +1,107 @@
+"""`phantom`: procedural trabecular bone with the requested BV/TV and thickness."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from microct_sr.metrics.morphometry import morphometry
+from microct_sr.phantom import GRAY, make_phantom, ridge_thickness_vox, trabecular_compartment
+from microct_sr.volume import open_volume
+
+SP = (10.0, 10.0, 10.0)
+MID = (GRAY["marrow"] + GRAY["bone"]) / 2
+
+
+@pytest.mark.slow
+def test_bvtv_and_local_thickness_within_20_percent_of_request():
+    """Segment the gray output at mid-gray and measure it with metrics.morphometry
+    (local thickness, the measure `evaluate` reports)."""
+    vol, info = make_phantom((64, 128, 128), SP, bvtv=0.25, thickness_um=80, cortex=False,
+                             seed=2)
+    m = morphometry(vol > MID, SP)
+    assert m["bv_tv"] == pytest.approx(0.25, rel=0.2)
+    assert m["tb_th_um"] == pytest.approx(80, rel=0.2)
+    # the reported (achieved) values agree with the independent measurement
+    assert info["bvtv"] == pytest.approx(m["bv_tv"], rel=0.1)
+    assert info["thickness_um"] == pytest.approx(m["tb_th_um"], rel=0.15)
+
+
+@pytest.mark.parametrize("bvtv, th", [(0.15, 60.0), (0.35, 100.0)])
+def test_other_requests_with_cortex(bvtv, th):
+    """With a cortex the trabecular compartment gets the requested values; the cortex is
+    solid bone and the tissue outside is dark."""
+    vol, info = make_phantom((48, 160, 160), SP, bvtv=bvtv, thickness_um=th, cortex=True,
+                             seed=5)
+    assert info["bvtv"] == pytest.approx(bvtv, rel=0.2)
+    assert info["thickness_um"] == pytest.approx(th, rel=0.2)
+    # independent: the segmented gray values inside the compartment
+    inside = trabecular_compartment(vol.shape, SP, th)
+    seg = (vol > MID) & inside[None]
+    assert seg[:, inside].mean() == pytest.approx(bvtv, rel=0.2)
+    assert ridge_thickness_vox(seg) * SP[2] == pytest.approx(th, rel=0.2)
+    assert vol[:, 80, 3].mean() < MID and vol[:, 80, 10].mean() > MID  # tissue, cortex
+
+
+def test_gray_levels_noise_and_partial_volume():
+    vol, info = make_phantom((32, 128, 128), SP, cortex=False, seed=0)
+    assert vol.dtype == np.uint8
+    marrow = vol[vol < MID - 40]
+    bone = vol[vol > MID + 40]
+    assert abs(np.median(marrow) - GRAY["marrow"]) < 5 and abs(np.median(bone) - GRAY["bone"]) < 5
+    # partial volume: a real fraction of voxels lies between the two levels
+    between = ((vol > GRAY["marrow"] + 40) & (vol < GRAY["bone"] - 40)).mean()
+    assert 0.02 < between < 0.3
+    # noise: flat marrow is not constant
+    assert 4 < marrow.std() < 15
+
+
+def test_seed_determinism_and_uint16():
+    a, _ = make_phantom((16, 64, 64), SP, cortex=False, seed=7, thickness_um=50)
+    b, _ = make_phantom((16, 64, 64), SP, cortex=False, seed=7, thickness_um=50)
+    c, _ = make_phantom((16, 64, 64), SP, cortex=False, seed=8, thickness_um=50)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    d, info = make_phantom((16, 64, 64), SP, cortex=False, seed=7, thickness_um=50,
+                           dtype="uint16")
+    assert d.dtype == np.uint16 and info["gray_levels"]["bone"] == GRAY["bone"] * 257
+    assert np.corrcoef(a.ravel(), d.ravel())[0, 1] > 0.97
+
+
+def test_cli_json_and_file(tmp_path, run_cli):
+    out = tmp_path / "ph.tif"
+    r = run_cli("phantom", out, "--shape", "24", "96", "96", "--bvtv", "0.2",
+                "--thickness-um", "60", "--no-cortex", "--seed", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["requested_bvtv"] == 0.2 and info["bvtv"] == pytest.approx(0.2, rel=0.05)
+    with open_volume(out) as v:
+        assert v.shape == (24, 96, 96) and v.spacing_um == pytest.approx(SP)
+    assert run_cli("phantom", out, "--shape", "24", "96", "96").exit_code == 2  # exists
+
+
+@pytest.mark.parametrize("args", [["--bvtv", "0.9"], ["--thickness-um", "5"],
+                                  ["--shape", "4", "64", "64"]])
+def test_cli_bad_requests_exit_2(tmp_path, run_cli, args):
+    r = run_cli("phantom", tmp_path / "x.tif", *args)
+    assert r.exit_code == 2 and "error" in r.stderr
+
+
+@pytest.mark.slow
+def test_mask_from_real_vertebra_roi(shared_data, tmp_path, run_cli):
+    """A real binary bone mask (BoneJ vertebra ROI, 300^3) gets gray values: its bone voxels
+    are bright, its marrow dark, and the reported BV/TV is the mask's."""
+    roi = sorted((shared_data / "bone" / "vertebra_rois").glob("*.nrrd"))[0]
+    out = tmp_path / "masked.tif"
+    r = run_cli("phantom", out, "--mask", roi, "--spacing-um", "51.3", "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    with open_volume(roi) as m:
+        mask = m.read(0, len(m)) > 0
+    with open_volume(out) as v:
+        gray = v.read(0, len(v))
+    assert gray.shape == mask.shape and info["source"] == "mask"
+    assert info["bvtv"] == pytest.approx(mask.mean(), rel=0.05)
+    assert np.median(gray[mask]) > MID > np.median(gray[~mask])
+    assert ((gray > MID) == mask).mean() > 0.95

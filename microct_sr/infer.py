@@ -240,7 +240,7 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
                    window: tuple[float, float] | None = None, batch_size: int = 4,
                    tile: int = 0, tile_overlap: int = 16, device: str = "auto",
                    output_device: str = "cpu", precision: str = "auto",
-                   channels_last: bool | None = None, quiet: bool = False,
+                   channels_last: bool = True, quiet: bool = False,
                    queue_size: int = 2) -> dict:
     """Super-resolve every slice of ``volume`` into ``writer``, in order.
 
@@ -255,8 +255,8 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
         are blended and results gathered before the writer (default "cpu": GPU memory stays
         bounded by one batch of tiles).
     precision: "auto" (fp16 autocast on CUDA, fp32 elsewhere), "fp16" or "fp32".
-    channels_last: NHWC memory format; None = on CUDA only (faster there; measured on CPU in
-        benchmarks/upscale.py, see docs/performance.md).
+    channels_last: NHWC memory format (default True: faster on CUDA tensor cores and, measured
+        by benchmarks/upscale.py, about 2x faster with oneDNN on this CPU; docs/performance.md).
     queue_size: batches buffered between reader, compute and writer.
 
     Returns ``{"device", "precision", "window", "slices", "seconds", "slices_per_second",
@@ -271,8 +271,6 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
     prec = resolve_precision(precision, dev)
     lo, hi = resolve_window(intensity, window, volume.dtype)
     scale = int(getattr(getattr(model, "config", None), "scale", 8))
-    if channels_last is None:
-        channels_last = dev.type == "cuda"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=dev, memory_format=fmt).eval()
     state = PrecisionState()

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Upscale every scan under IN_DIR into OUT_DIR/<scan>_sr.tif, skipping scans already done.
+#
+#   examples/batch_upscale.sh IN_DIR OUT_DIR [extra microct-sr upscale options...]
+#   MODEL=runs/r1/model.pt examples/batch_upscale.sh scans/ sr/ --device cuda --batch-size 8
+#
+# A scan is a sub-folder (NRecon reconstruction or numbered slices) or a volume file (.tif,
+# .nii.gz, .mha, .nrrd). Outputs are written atomically (temporary name, then rename), so an
+# existing OUT_DIR/<scan>_sr.tif is always complete: re-running the script after a crash, a
+# Ctrl-C or a kill resumes with the scans not yet done. Exit status of `upscale`:
+# 0 done, 2 bad input (logged, skipped), 130 interrupted (the loop stops), other: logged.
+set -u
+
+if [ $# -lt 2 ]; then
+    echo "usage: $0 IN_DIR OUT_DIR [upscale options...]" >&2
+    exit 2
+fi
+in_dir=$1
+out_dir=$2
+shift 2
+mkdir -p "$out_dir"
+model_opt=()
+if [ -n "${MODEL:-}" ]; then
+    model_opt=(--model "$MODEL")
+fi
+
+done_n=0; skipped=0; failed=0
+log="$out_dir/batch_upscale.log"
+for scan in "$in_dir"/*; do
+    name=$(basename "$scan")
+    case "$name" in
+        *.log|*.txt|*.csv|*.json) continue ;;  # side files, not scans
+    esac
+    stem=${name%%.*}
+    out="$out_dir/${stem}_sr.tif"
+    if [ -e "$out" ]; then
+        skipped=$((skipped + 1))
+        continue
+    fi
+    echo "== $scan -> $out" >&2
+    microct-sr upscale "$scan" "$out" "${model_opt[@]}" --quiet --json "$@" \
+        > "$out_dir/${stem}_sr.json"
+    status=$?
+    case $status in
+        0) done_n=$((done_n + 1)) ;;
+        130) echo "interrupted; re-run to resume" >&2; rm -f "$out_dir/${stem}_sr.json"; exit 130 ;;
+        *) failed=$((failed + 1)); rm -f "$out_dir/${stem}_sr.json"
+           echo "$(date -u +%FT%TZ) $scan: exit $status" >> "$log"
+           echo "failed ($status): $scan (see messages above; logged in $log)" >&2 ;;
+    esac
+done
+echo "upscaled $done_n, already done $skipped, failed $failed" >&2
+[ "$failed" -eq 0 ]

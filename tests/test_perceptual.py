@@ -106,8 +106,11 @@ def test_crop_sampling_is_seeded_and_in_bounds():
     for c in a:
         assert 0 <= c.z < 10 and c.size_y == c.size_x == 128
         assert 0 <= c.y0 <= 300 - 128 and 0 <= c.x0 <= 200 - 128
-    small = perceptual.sample_crops(2, 100, 120, 3, 256, seed=0)
-    assert all((c.size_y, c.size_x, c.y0, c.x0) == (100, 120, 0, 0) for c in small)
+    small = perceptual.sample_crops(2, 100, 120, 3, 256, seed=0)  # 2 whole slices, no repeats
+    assert [(c.z, c.size_y, c.size_x, c.y0, c.x0) for c in small] == [(0, 100, 120, 0, 0),
+                                                                     (1, 100, 120, 0, 0)]
+    many = perceptual.sample_crops(9, 100, 120, 3, 256, seed=0)  # sample of whole slices
+    assert len(many) == 3 and all((c.size_y, c.size_x) == (100, 120) for c in many)
     whole = perceptual.sample_crops(4, 100, 120, 0, 256, seed=0)
     assert [c.z for c in whole] == [0, 1, 2, 3]
     groups = list(perceptual.crops_by_slice(a))

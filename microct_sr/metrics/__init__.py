@@ -297,7 +297,7 @@ def evaluate_volume(sr: VolumeLike, hr: VolumeLike, opts: EvalOptions, *, label:
         values[name] = scan.values.get(name, [])
         summary[name] = _stats(values[name], name, notes) if name in scan.values else None
     if scan.crops:
-        notes.append(_crop_note(scan.crops, opts))
+        notes.append(_crop_note(scan.crops, len(scan.rows), grid, opts))
     if scorer is not None:
         notes.extend(scorer.notes)
     summary["morphometry"] = (_morphometry(scan.sr_bone, scan.hr_bone, hr, grid, reference,
@@ -423,10 +423,14 @@ def _score_crops(scorer: Any, img255: np.ndarray, crops: list) -> dict[str, list
     return out
 
 
-def _crop_note(crops: list, opts: EvalOptions) -> str:
-    if opts.perceptual_sample == 0:
-        return f"NIQE/Ma/PI on every evaluated slice ({len(crops)} slices, whole slices)"
-    c = crops[0]
+def _crop_note(crops: list, n: int, grid: Grid, opts: EvalOptions) -> str:
+    from .perceptual import whole_slices
+
+    b, c = opts.crop_border, crops[0]
+    if whole_slices(n, grid.height - 2 * b, grid.width - 2 * b, opts.perceptual_sample,
+                    opts.perceptual_crop):
+        return (f"NIQE/Ma/PI on every evaluated slice (whole {c.size_y}x{c.size_x} px after "
+                "the border crop)")
     return (f"NIQE/Ma/PI on a seeded sample of {len(crops)} crops of {c.size_y}x{c.size_x} px "
             f"(seed {opts.seed}, --perceptual-sample {opts.perceptual_sample}), the same crops "
             "for every method")

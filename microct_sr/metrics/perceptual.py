@@ -151,14 +151,20 @@ class Crop:
     size_x: int
 
 
+def whole_slices(n_slices: int, height: int, width: int, n_samples: int, crop: int) -> bool:
+    """True when every whole slice is scored instead of a sample of crops."""
+    return n_samples == 0 or (n_slices <= n_samples and height <= crop and width <= crop)
+
+
 def sample_crops(n_slices: int, height: int, width: int, n_samples: int, crop: int,
                  seed: int) -> list[Crop]:
     """Seeded crops of ``crop`` x ``crop`` (or the whole slice if smaller), sorted by slice.
 
-    ``n_samples == 0`` means one whole-slice crop per slice. The result depends only on the
-    arguments, so every method in a comparison is scored on the same crops.
+    ``n_samples == 0``, or a volume small enough (at most ``n_samples`` slices, each within
+    ``crop``), gives one whole-slice crop per slice. The result depends only on the arguments,
+    so every method in a comparison is scored on the same crops.
     """
-    if n_samples == 0:
+    if whole_slices(n_slices, height, width, n_samples, crop):
         return [Crop(z, 0, 0, height, width) for z in range(n_slices)]
     cy, cx = min(crop, height), min(crop, width)
     rng = np.random.default_rng(seed)

@@ -25,7 +25,7 @@ def _pm(stat: dict[str, float] | None, digits: int) -> str:
 
 
 def _rel(morph: dict[str, Any] | None, key: str) -> str:
-    rel = (morph or {}).get(key, {}).get("rel_error") if morph else None
+    rel = morph[key]["rel_error"] if morph else None
     return "n/a" if rel is None else f"{100 * rel:+.1f}%"
 
 

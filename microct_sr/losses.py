@@ -5,7 +5,8 @@ VGG19 weights are torchvision's ImageNet file (``vgg19-dcbb9e9d.pth``) from torc
 standard cache (``$TORCH_HOME/hub/checkpoints``, downloaded there once where there is internet)
 or an explicit file. :func:`resolve_vgg_weights` runs before training starts and raises a
 :class:`~microct_sr.errors.UserError` when neither is available. Random VGG weights exist only
-for tests, through ``VGGPerceptualLoss(weights=TEST_ONLY_RANDOM_VGG)``.
+for tests, through ``VGGPerceptualLoss(None, test_only_random_weights=True)`` (the trainer's
+``TrainConfig.test_only_random_vgg``; no command-line option reaches it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
-TEST_ONLY_RANDOM_VGG = "test-only-random-vgg"  # never a real path; tests only
 # torchvision's vgg19 "features": channels per conv, "M" = max-pool (Simonyan 2015, config E)
 _VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
               512, 512, 512, 512, "M", 512, 512, 512, 512]
@@ -80,12 +80,10 @@ def _download_vgg(dest: Path) -> None:
         socket.setdefaulttimeout(old)
 
 
-def resolve_vgg_weights(path: str | Path | None) -> Path | str:
+def resolve_vgg_weights(path: str | Path | None) -> Path:
     """The VGG19 weights file to use: ``path`` if given, else torchvision's cache (downloading
     there once if possible). Raises UserError with what to do when there is none."""
     if path is not None:
-        if str(path) == TEST_ONLY_RANDOM_VGG:
-            return TEST_ONLY_RANDOM_VGG
         p = Path(path)
         if not p.is_file():
             raise UserError("VGG19 weights file not found (--vgg-weights)", p)
@@ -133,16 +131,19 @@ class VGGPerceptualLoss(nn.Module):
     the feature maps (weights 1, 0.5, 0.1, 0.1, 0.1). Grayscale in [0, 1] is repeated to 3
     channels and ImageNet-normalised. The VGG is frozen and always in eval mode."""
 
-    def __init__(self, weights: Path | str, layers: dict[int, float] | None = None):
+    def __init__(self, weights: Path | str | None, layers: dict[int, float] | None = None, *,
+                 test_only_random_weights: bool = False):
         super().__init__()
         self.layers = dict(PERCEPTUAL_LAYERS if layers is None else layers)
         with torch.random.fork_rng(devices=[]):  # same random init in every run (tests)
             torch.manual_seed(0)
             self.features = _vgg19_features(max(self.layers) + 1)
-        if str(weights) == TEST_ONLY_RANDOM_VGG:
+        if weights is not None:
+            _load_vgg_state(Path(weights), self.features)
+        elif test_only_random_weights:
             log.warning("perceptual loss uses RANDOM VGG19 weights (test-only switch)")
         else:
-            _load_vgg_state(Path(weights), self.features)
+            raise ValueError("VGGPerceptualLoss needs a weights file (see resolve_vgg_weights)")
         self.features.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))

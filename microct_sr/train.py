@@ -95,7 +95,8 @@ class TrainConfig:
     amp: bool | None = None             # None: on for CUDA
     seed: int = 0
     deterministic: bool = False
-    vgg_weights: str | None = None      # losses.TEST_ONLY_RANDOM_VGG only in tests
+    vgg_weights: str | None = None
+    test_only_random_vgg: bool = False  # tests only: random VGG19 weights (no CLI option)
     split_file: str | None = None
     window: tuple[float, float] | None = None
     quiet: bool = False
@@ -113,7 +114,8 @@ class TrainConfig:
             self, data=[str(d) for d in self.data], out=str(self.out),
             iters=self.iters or p[f"iters_{self.stage}"],
             batch_size=self.batch_size or p["batch_size"],
-            val_every=self.val_every or p["val_every"], save_every=self.save_every or p["save_every"],
+            val_every=self.val_every or p["val_every"],
+            save_every=self.save_every or p["save_every"],
             disc_feats=self.disc_feats or p["disc_feats"])
         for name in ("iters", "batch_size", "val_every", "save_every", "keep", "lr_step"):
             if getattr(c, name) < 1:
@@ -262,7 +264,8 @@ class _Trainer:
             raise UserError("already holds a training run; pass --resume to continue it or "
                             "choose another --out", self.run_dir)
         if cfg.stage == "gan":
-            self.vgg_path = resolve_vgg_weights(cfg.vgg_weights)  # before any work
+            self.vgg_path = (None if cfg.test_only_random_vgg  # checked before any work
+                             else resolve_vgg_weights(cfg.vgg_weights))
         resume_ckpt = None
         if cfg.resume:
             path = existing[max(existing)]
@@ -340,7 +343,8 @@ class _Trainer:
             torch.manual_seed(cfg.seed + 1)  # the same initial discriminator on every path
             self.disc = UNetDiscriminatorSN(self.model_config.out_channels,
                                             cfg.disc_feats).to(self.device).train()
-            self.perceptual = VGGPerceptualLoss(self.vgg_path).to(self.device)
+            self.perceptual = VGGPerceptualLoss(
+                self.vgg_path, test_only_random_weights=cfg.test_only_random_vgg).to(self.device)
             self.opt_d = torch.optim.Adam(self.disc.parameters(), cfg.lr, betas=cfg.betas)
             self.sched_d = torch.optim.lr_scheduler.StepLR(self.opt_d, cfg.lr_step,
                                                            cfg.lr_gamma)

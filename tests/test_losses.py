@@ -9,8 +9,8 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from microct_sr import losses
 from microct_sr.errors import UserError
-from microct_sr.losses import (TEST_ONLY_RANDOM_VGG, VGGPerceptualLoss, ragan_d_loss,
-                               ragan_g_loss, resolve_vgg_weights)
+from microct_sr.losses import (VGGPerceptualLoss, ragan_d_loss, ragan_g_loss,
+                               resolve_vgg_weights)
 
 
 def _ragan_reference(real, fake):
@@ -49,7 +49,7 @@ def test_vgg_layers_are_torchvision_convs_before_relu(tmp_path):
 
 def test_perceptual_loss_behaviour():
     torch.manual_seed(0)
-    loss = VGGPerceptualLoss(TEST_ONLY_RANDOM_VGG)
+    loss = VGGPerceptualLoss(None, test_only_random_weights=True)
     hr = torch.rand(2, 1, 32, 32)
     assert float(loss(hr, hr)) == 0.0
     sr = (hr + 0.1 * torch.randn_like(hr)).requires_grad_(True)
@@ -76,6 +76,8 @@ def test_missing_vgg_weights_is_a_clear_error(tmp_path, monkeypatch):
     torch.save({"features.0.weight": torch.zeros(3)}, bad)
     with pytest.raises(UserError, match="not torchvision VGG19"):
         VGGPerceptualLoss(bad)
+    with pytest.raises(ValueError, match="weights file"):
+        VGGPerceptualLoss(None)  # random weights only through the explicit test switch
     cached = tmp_path / "hub" / "checkpoints" / losses.VGG19_FILE
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(b"x")

@@ -21,7 +21,6 @@ from _train_data import make_pair_folder
 from microct_sr import losses, train as train_mod
 from microct_sr.checkpoint import load_checkpoint, load_model
 from microct_sr.data import make_split
-from microct_sr.losses import TEST_ONLY_RANDOM_VGG
 from microct_sr.models import ARCHS
 from microct_sr.train import TrainConfig, train
 
@@ -70,7 +69,7 @@ def test_psnr_then_gan_stage_for_each_arch(pairs, tmp_path, arch):
     _check_model_file(run, "psnr", 3)
 
     g = train(_cfg(pairs, tmp_path / "gan", arch="srcnn", stage="gan", iters=2, val_every=2,
-                   init=str(run / "model.pt"), vgg_weights=TEST_ONLY_RANDOM_VGG))
+                   init=str(run / "model.pt"), test_only_random_vgg=True))
     assert g["arch"] == arch  # the network comes from --init
     rows = _log(tmp_path / "gan")
     for r in rows:
@@ -95,12 +94,12 @@ def _kill_at(monkeypatch, n_calls: int) -> None:
     monkeypatch.setattr(train_mod._Trainer, "_step", step)
 
 
-@pytest.mark.parametrize("stage", ["psnr", "gan"])
+@pytest.mark.parametrize("stage", ["psnr", pytest.param("gan", marks=pytest.mark.slow)])
 def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage):
     extra = {}
     if stage == "gan":
         train(_cfg(pairs, tmp_path / "init", arch="rcan", iters=1))
-        extra = dict(init=str(tmp_path / "init" / "model.pt"), vgg_weights=TEST_ONLY_RANDOM_VGG)
+        extra = dict(init=str(tmp_path / "init" / "model.pt"), test_only_random_vgg=True)
     kw = dict(arch="rcan", stage=stage, iters=4, save_every=2, val_every=4, deterministic=True,
               **extra)
     train(_cfg(pairs, tmp_path / "straight", **kw))
@@ -158,6 +157,11 @@ def test_non_finite_losses_skip_then_stop(pairs, tmp_path, monkeypatch):
     assert not (tmp_path / "nan" / "model.pt").exists()
 
 
+def test_amp_is_cuda_only(pairs, tmp_path, caplog):
+    s = train(_cfg(pairs, tmp_path / "amp", arch="srcnn", iters=1, amp=True, device="cpu"))
+    assert s["iterations"] == 1 and "CUDA only" in caplog.text
+
+
 def test_keeps_newest_and_best(pairs, tmp_path):
     train(_cfg(pairs, tmp_path / "k", arch="srcnn", iters=6, save_every=1, val_every=2, keep=2))
     best = load_checkpoint(tmp_path / "k" / "model.pt")["provenance"]["best_iteration"]
@@ -173,8 +177,8 @@ def test_cli_errors(pairs, tmp_path, run_cli, monkeypatch):
 
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    r = run_cli("train", "--stage", "gan", "--data", pairs[0], "--out", tmp_path / "o",
-                "--init", bad, "--vgg-weights", TEST_ONLY_RANDOM_VGG)
+    r = run_cli("train", "--stage", "psnr", "--data", pairs[0], "--out", tmp_path / "o",
+                "--init", bad)
     assert r.exit_code == 2 and str(bad) in r.stderr
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
@@ -185,8 +189,10 @@ def test_cli_errors(pairs, tmp_path, run_cli, monkeypatch):
     assert r.exit_code == 2 and "VGG19" in r.stderr and "--vgg-weights" in r.stderr
     assert not (tmp_path / "o").exists()  # stopped before any work
 
-    r = run_cli("train", "--stage", "gan", "--data", pairs[0], "--out", tmp_path / "o",
-                "--vgg-weights", TEST_ONLY_RANDOM_VGG)
+    vgg = tmp_path / "vgg19.pth"  # any file passes the existence check; --init is checked next
+    vgg.write_bytes(b"x")
+    r = run_cli("train", "--stage", "gan", "--data", pairs[0], "--out", tmp_path / "o2",
+                "--vgg-weights", vgg)
     assert r.exit_code == 2 and "--init" in r.stderr
 
 

@@ -10,7 +10,7 @@ from microct_sr.models import PRESETS, ModelConfig, build_model, count_macs, pre
 from microct_sr.models.blocks import (RCAB, ChannelAttention, LightUpsampler,
                                       PixelShuffleUpsampler, Res2Block, ResidualGroup,
                                       make_upsampler)
-from microct_sr.models.r2rcan import R2RCAN, body_layout
+from microct_sr.models.r2rcan import R2RCAN, body_layout, cost_summary
 
 
 def n_params(m: nn.Module) -> int:
@@ -140,3 +140,13 @@ def test_presets_round_trip_through_dict():
         assert ModelConfig.from_dict(cfg.to_dict()) == cfg, name
     with pytest.raises(ValueError, match="unknown"):
         preset("r2rcan", "huge")
+
+
+def test_cost_summary_matches_the_documented_table():
+    paper, small = cost_summary(preset("r2rcan", "paper")), cost_summary(preset("r2rcan", "small"))
+    assert paper["params"] == PAPER_PARAMS
+    assert paper["gflop"] == pytest.approx(973.0, abs=0.5)
+    assert paper["upsampler_share"] == pytest.approx(0.165, abs=0.005)
+    assert small["gflop"] == pytest.approx(14.86, abs=0.05)
+    heavy = cost_summary(preset("r2rcan", "small", upsampler="pixelshuffle"))
+    assert heavy["gflop"] == pytest.approx(54.5, abs=0.1) and heavy["upsampler_share"] > 0.7

@@ -7,8 +7,22 @@ last conv to 1 channel (both in :func:`~microct_sr.models.blocks.make_upsampler`
 The ``paper`` preset is exactly the paper's network: C = 64, 10 RCAB groups of 20 RCABs with a
 closing conv3x3, 10 Res2 groups of 5 Res2Net blocks (4 scales, SE), channel-attention
 reduction 16, three x2 stages of conv3x3 (64 -> 256) + PixelShuffle(2), conv3x3 (64 -> 1).
-It costs about 994 GFLOP (2 x MACs) per 160 x 160 LR slice; :func:`body_layout` lists the
-groups in order, which the tests check against the paper.
+:func:`body_layout` lists the groups in order, which the tests check against the paper.
+
+Cost per 160 x 160 LR slice (conv MACs x 2, :func:`cost_summary`; docs/performance.md):
+
+| preset | C  | body                              | upsampler    | params | GFLOP | upsampler |
+|--------|----|-----------------------------------|--------------|--------|-------|-----------|
+| paper  | 64 | 10 x 20 RCAB + 10 x 5 Res2        | 3 x (x2 PS)  | 16.5 M | 973   | 16 %      |
+| small  | 32 | 3 x 4 RCAB + 3 x 2 Res2 (red. 8)  | light (x8)   | 0.30 M | 14.9  | 6 %       |
+| tiny   | 16 | 1 x 1 RCAB + 1 x 1 Res2 (red. 4)  | light (x8)   | 0.02 M | 0.88  | 53 %      |
+
+With the paper's upsampler `small` would cost 54.5 GFLOP per slice, three quarters of it
+(40.6) in the upsampler, whose last stage runs at 640 x 640 with 4C channels; the light
+upsampler (one conv3x3 to 64 channels at LR size + PixelShuffle(8)) costs 0.9 GFLOP. The issue's
+"about 994 GFLOP" for `paper` also counts a closing conv3x3 on each Res2 group and over the
+body (11 more 64 -> 64 convs, 21 GFLOP); the text of section 2.2 we follow gives the closing
+conv to RCAB groups only.
 """
 
 from __future__ import annotations
@@ -66,3 +80,17 @@ class R2RCAN(nn.Module):
         shallow = self.head(x)
         deep = self.body(shallow) + shallow  # long skip over the body
         return self.tail(deep)
+
+
+def cost_summary(config, lr_hw: tuple[int, int] = (160, 160)) -> dict:
+    """Parameters and conv GFLOP (2 x MACs) of ``config`` for one ``lr_hw`` LR slice, with
+    the upsampler's share; computed on the meta device (no memory, no time)."""
+    from . import count_macs
+
+    model = R2RCAN(config)
+    macs = count_macs(model, lr_hw, config.in_channels)
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "gflop": 2 * macs["total"] / 1e9,
+            "body_gflop": 2 * macs.get("body", 0) / 1e9,
+            "upsampler_gflop": 2 * macs.get("tail", 0) / 1e9,
+            "upsampler_share": macs.get("tail", 0) / macs["total"]}

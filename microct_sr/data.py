@@ -188,13 +188,14 @@ def estimate_window(dataset: PatchDataset, max_patches: int = 256) -> tuple[floa
     """The intensity window (lo, hi) mapped to [0, 1]: the dtype's full range for 8-bit data,
     otherwise the min and max over up to ``max_patches`` evenly spaced LR and HR patches."""
     idx = np.unique(np.linspace(0, len(dataset) - 1, min(max_patches, len(dataset))).astype(int))
-    lo, hi = np.inf, -np.inf
+    lo, hi, all_8bit = np.inf, -np.inf, True
     for i in idx:
         lr, hr = dataset.read_raw(int(i))
-        if lr.dtype == np.uint8 and hr.dtype == np.uint8:
-            return 0.0, 255.0
+        all_8bit = all_8bit and lr.dtype == np.uint8 and hr.dtype == np.uint8
         lo = min(lo, float(lr.min()), float(hr.min()))
         hi = max(hi, float(lr.max()), float(hr.max()))
+    if all_8bit:
+        return 0.0, 255.0
     if not hi > lo:
         raise UserError("the training patches are constant: no intensity window")
     return lo, hi

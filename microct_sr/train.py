@@ -414,7 +414,8 @@ class _Trainer:
 
     # -- one iteration
     def _all_finite(self, *losses: torch.Tensor) -> bool:
-        ok = torch.tensor([float(all(bool(torch.isfinite(v)) for v in losses))])
+        ok = torch.tensor([float(all(bool(torch.isfinite(v)) for v in losses))],
+                          device=self.device)  # NCCL reduces CUDA tensors only
         if self.d.world > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() > 0)

@@ -332,25 +332,22 @@ def photons_note() -> str:
 def simulate_volume(hr: Any, out: str | Path, params: SimParams, *,
                     spacing_um: tuple[float, float, float] | None = None, fmt: str = "nrecon",
                     name: str | None = None, overwrite: bool = False, quiet: bool = False,
-                    random_motion_used: bool = False) -> dict:
+                    random_motion_used: bool = False, workers: int = 0) -> dict:
     """Simulate the LR scan of the HR ``Volume`` ``hr`` into the folder ``out``.
 
     ``fmt="nrecon"``: ``out`` becomes an NRecon-style folder ``<name>_rec%08d.bmp|tif`` +
     ``<name>_rec.log``; ``fmt="tif"``: ``out/<name>.tif`` (multi-page). Either way
-    ``out/simulation.json`` holds the truth. Returns that truth (plus output paths, timing).
+    ``out/simulation.json`` holds the truth. ``workers``: processes (one torch thread each;
+    0 = one per CPU core, at most 8). Returns the truth (plus output path, timing).
     """
     from .progress import progress
     from .volume import create_volume_writer, to_dtype
 
     params.validate()
     out = Path(out)
-    check_input(tuple(hr.shape), params.factor, hr.path)
-    spacing = spacing_um or hr.spacing_um
-    if spacing is None:
-        raise UserError("has no voxel size in its metadata; give --spacing-um", hr.path)
-    if abs(spacing[1] - spacing[2]) > 1e-3 * spacing[2]:
-        raise UserError(f"in-plane voxel size {spacing[1]} x {spacing[2]} um is not square; "
-                        "the simulation needs square pixels", hr.path)
+    spacing = _check_volume(hr, params, spacing_um)
+    if fmt not in ("nrecon", "tif"):
+        raise UserError(f"--format must be nrecon or tif, got {fmt!r}")
     f = params.factor
     nz, ny, nx = hr.shape
     lr_shape = (-(-nz // f), ny // f, nx // f)
@@ -358,8 +355,6 @@ def simulate_volume(hr: Any, out: str | Path, params: SimParams, *,
     window = params.window or default_window(hr)
     dtype = np.dtype(hr.dtype)
     name = name or out.name
-    if fmt not in ("nrecon", "tif"):
-        raise UserError(f"--format must be nrecon or tif, got {fmt!r}")
     truth = _truth(params, window, spacing, lr_spacing, hr, lr_shape, random_motion_used)
     if fmt == "nrecon":
         target = out
@@ -373,19 +368,86 @@ def simulate_volume(hr: Any, out: str | Path, params: SimParams, *,
     t0 = time.perf_counter()
     writer = create_volume_writer(target, lr_shape, dtype, lr_spacing, overwrite=overwrite,
                                   description=f"microct-sr simulate: LR scan of {hr.path}", **kw)
+    n_workers = _n_workers(workers, lr_shape[0])
     with writer:
-        for k in progress(range(lr_shape[0]), desc="simulate", quiet=quiet, unit="slice"):
-            slab = hr.read(k * f, min(nz, (k + 1) * f))
-            lr = simulate_slab(slab, params, spacing, np.random.default_rng([params.seed, k]),
-                               window)
+        slices = _lr_slices(hr, params, spacing, window, n_workers)
+        for lr in progress(slices, total=lr_shape[0], desc="simulate", quiet=quiet,
+                           unit="slice"):
             writer.write(to_dtype(lr, dtype)[None])
         truth["seconds"] = round(time.perf_counter() - t0, 2)
+        truth["workers"] = n_workers
         truth["output"] = str(target)
         if hasattr(writer, "add_file"):     # NRecon folder: inside the atomic rename
             writer.add_file("simulation.json", json.dumps(truth, indent=2) + "\n")
     if not hasattr(writer, "add_file"):
         _write_json_atomic(out / "simulation.json", truth)
     return truth
+
+
+def _check_volume(hr: Any, params: SimParams, spacing_um: tuple[float, float, float] | None
+                  ) -> tuple[float, float, float]:
+    """The HR spacing to use; UserError for 2D input, bad factor, unknown/non-square pixels."""
+    check_input(tuple(hr.shape), params.factor, hr.path)
+    spacing = spacing_um or hr.spacing_um
+    if spacing is None:
+        raise UserError("has no voxel size in its metadata; give --spacing-um", hr.path)
+    if abs(spacing[1] - spacing[2]) > 1e-3 * spacing[2]:
+        raise UserError(f"in-plane voxel size {spacing[1]} x {spacing[2]} um is not square; "
+                        "the simulation needs square pixels", hr.path)
+    return tuple(float(s) for s in spacing)
+
+
+def _n_workers(workers: int, n_slices: int) -> int:
+    """Processes to use: ``workers`` or one per core (max 8), never more than slices / 2."""
+    import os
+
+    n = workers if workers > 0 else min(os.cpu_count() or 1, 8)
+    return max(1, min(n, n_slices // 2))
+
+
+def _slice_task(slab: np.ndarray, params: SimParams, spacing: tuple[float, float, float],
+                window: tuple[float, float], k: int) -> np.ndarray:
+    """One LR slice with its own reproducible noise stream (seed, k)."""
+    return simulate_slab(slab, params, spacing, np.random.default_rng([params.seed, k]), window)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _lr_slices(hr: Any, params: SimParams, spacing: tuple[float, float, float],
+               window: tuple[float, float], workers: int):
+    """Yield the LR slices in order, computed in this process or in a process pool
+    (spawned, one torch thread each, at most 2 slabs in flight per worker)."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    f, nz = params.factor, hr.shape[0]
+    n_lr = -(-nz // f)
+    slab = lambda k: hr.read(k * f, min(nz, (k + 1) * f))  # noqa: E731
+    if workers <= 1:            # one core: one torch thread (faster on a busy machine)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for k in range(n_lr):
+                yield _slice_task(slab(k), params, spacing, window, k)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        pending: deque = deque()
+        try:
+            for k in range(n_lr):
+                pending.append(pool.submit(_slice_task, slab(k), params, spacing, window, k))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def _truth(params: SimParams, window: tuple[float, float], spacing: tuple[float, ...],

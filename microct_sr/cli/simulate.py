@@ -41,6 +41,8 @@ from ._common import emit_json, json_option, overwrite_option, quiet_option, spa
               show_default=True, help="Attenuation (1/cm) at the window's top gray value.")
 @click.option("--proj-pitch", "proj_pitch", type=int, default=2, show_default=True,
               help="Forward-projection pitch in HR pixels (1 = full HR resolution, slower).")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Worker processes (0: one per CPU core, at most 8).")
 @spacing_option
 @overwrite_option
 @json_option
@@ -49,7 +51,7 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
             smoothing: float, filter_name: str, rotation: float | None,
             shift_um: tuple[float, float] | None, random_motion: bool, seed: int, fmt: str,
             name: str | None, window: tuple[float, float] | None, attenuation_per_cm: float,
-            proj_pitch: int, spacing_um, overwrite: bool, as_json: bool, quiet: bool) -> None:
+            proj_pitch: int, workers: int, spacing_um, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Simulate the LR micro-CT scan of the HR volume HR into the folder LR_OUT.
 
     Parallel-beam projection with the object moved rigidly, detector binning, Poisson noise,
@@ -78,7 +80,7 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
             params.rotation_deg, params.shift_um = draw_motion(seed, sp[2] * factor)
         truth = simulate_volume(vol, lr_out, params, spacing_um=spacing_um, fmt=fmt,
                                 name=name, overwrite=overwrite, quiet=quiet,
-                                random_motion_used=random_motion)
+                                random_motion_used=random_motion, workers=workers)
     if as_json:
         emit_json(truth)
     else:

@@ -7,8 +7,8 @@ maintained libraries (porespy's ``local_thickness``, the ``localthickness`` pack
 voxel units on isotropic grids, while SR volumes from ``upscale`` are anisotropic (e.g.
 80 x 10 x 10 um); ITK's BoneMorphometry uses a plate model instead of local thickness.
 
-Distances are to the voxel *surface* (the face of the nearest voxel of the other phase), so a
-plate of an odd number ``t`` of voxels measures exactly ``t`` voxels and an even one ``t - 1``.
+Distances are to the voxel *surface* of the other phase (half a voxel short of its centre), so
+a plate of an odd number ``t`` of voxels measures exactly ``t`` voxels and an even one ``t - 1``.
 The array border is not a surface (structures cut by the volume edge are not thinned).
 Tb.N = (BV/TV) / Tb.Th (plate model), in 1/mm.
 
@@ -36,8 +36,10 @@ def otsu_threshold_from_histogram(counts: np.ndarray, centers: np.ndarray) -> fl
 def surface_distance(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """For each ``True`` voxel, the physical distance to the surface of the other phase.
 
-    The Euclidean distance to the nearest ``False`` voxel centre minus the distance from that
-    centre to its own voxel face along the connecting line. ``0`` outside ``mask``.
+    The Euclidean distance to the nearest ``False`` voxel centre less that voxel's half-extent
+    along the connecting line (an ellipsoid with semi-axes spacing / 2: exactly half a voxel
+    along an axis; between the voxel-box and marching-cubes surfaces on diagonals).
+    ``0`` outside ``mask``; ``inf`` everywhere when there is no other phase.
     """
     sp = np.asarray(spacing, dtype=np.float64)
     if mask.all():
@@ -46,14 +48,11 @@ def surface_distance(mask: np.ndarray, spacing: tuple[float, float, float]) -> n
     out = np.zeros(mask.shape, dtype=np.float64)
     where = np.nonzero(mask & (dist > 0))
     length = dist[where]
-    # the line from the voxel to the nearest other-phase centre leaves that centre's box at
-    # min over axes of (spacing_a / 2) / |cos_a|
-    half = np.full(length.shape, np.inf)
+    inv_half_sq = np.zeros(length.shape)
     for a in range(3):
-        step = np.abs((idx[a][where] - where[a]) * sp[a])
-        with np.errstate(divide="ignore"):
-            half = np.minimum(half, np.where(step > 0, sp[a] / 2 * length / step, np.inf))
-    out[where] = length - half
+        cos_a = (idx[a][where] - where[a]) * sp[a] / length
+        inv_half_sq += (cos_a / (sp[a] / 2)) ** 2
+    out[where] = length - 1 / np.sqrt(inv_half_sq)
     return out
 
 

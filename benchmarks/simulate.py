@@ -4,7 +4,8 @@ Goal (issue 6): 1280x1280x4000 HR -> 160x160x500 LR in under 30 minutes on a 2-c
 
 What it measures (one run, real slice size, few slices):
 1. per-stage CPU time of one LR slice at the target slice size, one thread: slab mean +
-   gray->mu, forward projection at pitch 2 (the default) and pitch 1 (full HR resolution),
+   gray->mu, forward projection at pitch 2 (the default; alone and per slice in a batch of 4
+   sharing the sampling grids, as the workers run it) and pitch 1 (full HR resolution),
    noise, FBP, smoothing; and scikit-image's radon/iradon for the same slice (the alternative
    the issue names), timed on a subset of angles and scaled to all views;
 2. end to end: ``simulate_volume`` on ``--lr-slices`` LR slices of a phantom tiled to the
@@ -80,12 +81,14 @@ def stages(block: np.ndarray, views: int) -> dict:
     n = slab.shape[1] // 8
     t_mu, mu = cpu(lambda: S.gray_to_mu(slab.astype(np.float32).mean(0), (0, 255), 4e-4))
     t_p2, trans = cpu(S.forward_project, mu, p2, 10.0)
+    t_p2b, _ = cpu(S.forward_project, np.stack([mu] * 4), p2, 10.0)
     t_p1, _ = cpu(S.forward_project, mu, p1, 10.0)
     t_noise, sino = cpu(S.add_noise, trans, p2.photons, rng)
     t_fbp, rec = cpu(S.fbp, sino, (n, n), 1.0, 80.0, "hamming")
     from scipy import ndimage
     t_smooth, _ = cpu(ndimage.gaussian_filter, rec, 0.5)
-    out = {"slab_mean_and_mu": t_mu, "project_pitch2": t_p2, "project_pitch1": t_p1,
+    out = {"slab_mean_and_mu": t_mu, "project_pitch2": t_p2,
+           "project_pitch2_batch4": t_p2b / 4, "project_pitch1": t_p1,
            "noise": t_noise, "fbp": t_fbp, "smoothing": t_smooth}
     out.update(skimage_stage(mu, views, sino))
     return out

@@ -172,27 +172,31 @@ def mu_to_gray(mu: np.ndarray, window: tuple[float, float], mu_hi_per_um: float)
 def forward_project(mu: np.ndarray, params: SimParams, spacing_xy_um: float) -> np.ndarray:
     """Transmitted intensity per LR detector bin, (views, n_bins), of the moved object.
 
-    ``mu`` is one (y, x) attenuation slice at HR pitch (1/um). Line integrals are sampled at
-    ``proj_pitch`` HR pixels on an area-downsampled copy of ``mu``, turned into transmission
-    exp(-p) and averaged over the factor/proj_pitch sub-bins of each LR detector pixel.
+    ``mu`` is one (y, x) attenuation slice at HR pitch (1/um), or a (b, y, x) stack that shares
+    the sampling grids (result (b, views, n_bins); cheaper per slice). Line integrals are
+    sampled at ``proj_pitch`` HR pixels on an area-downsampled copy of ``mu``, turned into
+    transmission exp(-p) and averaged over the factor/proj_pitch sub-bins of each LR bin.
     """
-    ny, nx = mu.shape
+    single = mu.ndim == 2
+    mu = mu[None] if single else mu
+    b, ny, nx = mu.shape
     r = params.proj_pitch
-    img = mu if r == 1 else mu.reshape(ny // r, r, nx // r, r).mean(axis=(1, 3))
+    img = mu if r == 1 else mu.reshape(b, ny // r, r, nx // r, r).mean(axis=(2, 4))
     n_bins, t, s = _detector((ny, nx), params, spacing_xy_um)
-    sub, chunk = params.factor // r, 8
+    sub, chunk = params.factor // r, 4
     angles = 2 * np.pi * np.arange(params.views) / params.views
-    inp = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    inp = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]   # (1, b, h, w)
     step_um = r * spacing_xy_um
-    trans = torch.empty(params.views, n_bins, dtype=torch.float64)
+    trans = torch.empty(b, params.views, n_bins, dtype=torch.float64)
     for v0 in range(0, params.views, chunk):
         ang = angles[v0:v0 + chunk]
         grid = _view_grids((ny, nx), params, spacing_xy_um, ang, t, s)
-        samples = F.grid_sample(inp.expand(len(ang), 1, *img.shape), grid, mode="bilinear",
-                                padding_mode="zeros", align_corners=False)
-        p = samples[:, 0].sum(dim=1).to(torch.float64) * step_um       # (n, n_fine)
-        trans[v0:v0 + len(ang)] = torch.exp(-p).reshape(len(ang), n_bins, sub).mean(2)
-    return trans.numpy()
+        samples = F.grid_sample(inp.expand(len(ang), *inp.shape[1:]), grid, mode="bilinear",
+                                padding_mode="zeros", align_corners=False)   # (n, b, s, t)
+        p = samples.sum(dim=2).to(torch.float64) * step_um                  # (n, b, n_fine)
+        binned = torch.exp(-p).reshape(len(ang), b, n_bins, sub).mean(3)
+        trans[:, v0:v0 + len(ang)] = binned.transpose(0, 1)
+    return trans[0].numpy() if single else trans.numpy()
 
 
 def add_noise(trans: np.ndarray, photons: float | None, rng: np.random.Generator) -> np.ndarray:
@@ -259,24 +263,37 @@ def simulate_slab(hr_slab: np.ndarray, params: SimParams, hr_spacing_um: tuple[f
                   rng: np.random.Generator, window: tuple[float, float] | None = None
                   ) -> np.ndarray:
     """One LR slice (float32 gray values) from the (n <= factor, y, x) HR slab it covers."""
+    return simulate_slabs([hr_slab], params, hr_spacing_um, [rng], window)[0]
+
+
+def simulate_slabs(hr_slabs: list[np.ndarray], params: SimParams,
+                   hr_spacing_um: tuple[float, float, float], rngs: list[np.random.Generator],
+                   window: tuple[float, float] | None = None) -> list[np.ndarray]:
+    """LR slices for several HR slabs at once (they share the projector's sampling grids);
+    slab i uses ``rngs[i]`` for its noise, so the result does not depend on the grouping."""
     window = window or params.window
     if window is None:
         raise ValueError("simulate_slab needs a gray window (params.window or window=)")
-    if hr_slab.ndim == 2:
-        hr_slab = hr_slab[None]
     f = params.factor
-    _, ny, nx = hr_slab.shape
-    if ny % f or nx % f:
-        raise UserError(f"slice size {ny} x {nx} is not divisible by the factor {f}")
-    sxy = float(hr_spacing_um[2])
     mu_hi = params.attenuation_per_cm * 1e-4
-    mu = gray_to_mu(hr_slab.astype(np.float32).mean(axis=0), window, mu_hi)
-    trans = forward_project(mu, params, sxy)
-    sino = add_noise(trans, None if params.noiseless else params.photons, rng)
-    rec = fbp(sino, (ny // f, nx // f), 1.0, f * sxy, params.filter)
-    if params.smoothing > 0:
-        rec = ndimage.gaussian_filter(rec, params.smoothing, mode="nearest")
-    return mu_to_gray(rec, window, mu_hi)
+    mus = []
+    for slab in hr_slabs:
+        slab = slab[None] if slab.ndim == 2 else slab
+        if slab.shape[1] % f or slab.shape[2] % f:
+            raise UserError(f"slice size {slab.shape[1]} x {slab.shape[2]} is not divisible "
+                            f"by the factor {f}")
+        mus.append(gray_to_mu(slab.astype(np.float32).mean(axis=0), window, mu_hi))
+    sxy = float(hr_spacing_um[2])
+    trans = forward_project(np.stack(mus), params, sxy)
+    ny, nx = mus[0].shape
+    out = []
+    for tr, rng in zip(trans, rngs):
+        sino = add_noise(tr, None if params.noiseless else params.photons, rng)
+        rec = fbp(sino, (ny // f, nx // f), 1.0, f * sxy, params.filter)
+        if params.smoothing > 0:
+            rec = ndimage.gaussian_filter(rec, params.smoothing, mode="nearest")
+        out.append(mu_to_gray(rec, window, mu_hi))
+    return out
 
 
 # ----------------------------------------------------------------------------- whole volume
@@ -405,10 +422,12 @@ def _n_workers(workers: int, n_slices: int) -> int:
     return max(1, min(n, n_slices // 2))
 
 
-def _slice_task(slab: np.ndarray, params: SimParams, spacing: tuple[float, float, float],
-                window: tuple[float, float], k: int) -> np.ndarray:
-    """One LR slice with its own reproducible noise stream (seed, k)."""
-    return simulate_slab(slab, params, spacing, np.random.default_rng([params.seed, k]), window)
+def _slab_task(slabs: list[np.ndarray], params: SimParams,
+               spacing: tuple[float, float, float], window: tuple[float, float],
+               ks: list[int]) -> list[np.ndarray]:
+    """LR slices ``ks``, each with its own reproducible noise stream (seed, k)."""
+    rngs = [np.random.default_rng([params.seed, k]) for k in ks]
+    return simulate_slabs(slabs, params, spacing, rngs, window)
 
 
 def _init_worker() -> None:
@@ -418,20 +437,27 @@ def _init_worker() -> None:
 def _lr_slices(hr: Any, params: SimParams, spacing: tuple[float, float, float],
                window: tuple[float, float], workers: int):
     """Yield the LR slices in order, computed in this process or in a process pool
-    (spawned, one torch thread each, at most 2 slabs in flight per worker)."""
+    (spawned, one torch thread each, at most 2 tasks in flight per worker). A task is up to
+    4 LR slices sharing the projector's grids (same result as one at a time)."""
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
     f, nz = params.factor, hr.shape[0]
     n_lr = -(-nz // f)
-    slab = lambda k: hr.read(k * f, min(nz, (k + 1) * f))  # noqa: E731
+    batch = int(np.clip(n_lr // (2 * workers), 1, 4))
+    tasks = [list(range(k, min(k + batch, n_lr))) for k in range(0, n_lr, batch)]
+
+    def args(ks: list[int]) -> tuple:
+        slabs = [hr.read(k * f, min(nz, (k + 1) * f)) for k in ks]
+        return slabs, params, spacing, window, ks
+
     if workers <= 1:            # one core: one torch thread (faster on a busy machine)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            for k in range(n_lr):
-                yield _slice_task(slab(k), params, spacing, window, k)
+            for ks in tasks:
+                yield from _slab_task(*args(ks))
         finally:
             torch.set_num_threads(threads)
         return
@@ -439,12 +465,12 @@ def _lr_slices(hr: Any, params: SimParams, spacing: tuple[float, float, float],
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
         pending: deque = deque()
         try:
-            for k in range(n_lr):
-                pending.append(pool.submit(_slice_task, slab(k), params, spacing, window, k))
+            for ks in tasks:
+                pending.append(pool.submit(_slab_task, *args(ks)))
                 if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
+                    yield from pending.popleft().result()
             while pending:
-                yield pending.popleft().result()
+                yield from pending.popleft().result()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

@@ -157,6 +157,13 @@ def test_non_finite_losses_skip_then_stop(pairs, tmp_path, monkeypatch):
     assert not (tmp_path / "nan" / "model.pt").exists()
 
 
+def test_single_scan_trains_without_validation(tmp_path):
+    one = make_pair_folder(tmp_path / "one", ["rat9"], 2, lr_patch=4)
+    s = train(_cfg([str(one)], tmp_path / "r", arch="srcnn", iters=2, val_every=1))
+    assert s["split"] == {"train": 1, "val": 0, "test": 0} and s["val_psnr"] is None
+    assert (tmp_path / "r" / "model.pt").is_file()
+
+
 def test_amp_is_cuda_only(pairs, tmp_path, caplog):
     s = train(_cfg(pairs, tmp_path / "amp", arch="srcnn", iters=1, amp=True, device="cpu"))
     assert s["iterations"] == 1 and "CUDA only" in caplog.text

@@ -135,6 +135,26 @@ def test_2d_input_exits_2(tmp_path, run_cli):
     assert r.exit_code == 2 and "2D" in r.stderr and "one_slice.tif" in r.stderr
 
 
+def test_name_window_and_motion_options(phantom_tif, tmp_path, run_cli):
+    out = tmp_path / "scan"
+    r = run_cli("simulate", phantom_tif, out, "--name", "rat1", "--window", "0", "200",
+                "--rotation", "-7.5", "--shift-um", "0", "80", "--quiet", "--json")
+    assert r.exit_code == 0, r.stderr
+    truth = json.loads(r.stdout)
+    assert truth["window"] == [0.0, 200.0] and truth["rotation_deg"] == -7.5
+    assert truth["shift_um"] == [0.0, 80.0] and not truth["random_motion"]
+    assert (out / "rat1_rec.log").is_file() and (out / "rat1_rec00000002.bmp").is_file()
+    r = run_cli("simulate", phantom_tif, tmp_path / "x", "--random-motion", "--rotation", "3")
+    assert r.exit_code == 2 and "random-motion" in r.stderr
+
+
+def test_unknown_voxel_size_exits_2(tmp_path, run_cli):
+    path = tmp_path / "nospacing.tif"
+    tifffile.imwrite(path, np.zeros((16, 64, 64), np.uint8))
+    r = run_cli("simulate", path, tmp_path / "out")
+    assert r.exit_code == 2 and "--spacing-um" in r.stderr
+
+
 def test_existing_output_needs_overwrite(phantom_tif, tmp_path, run_cli):
     out = tmp_path / "lr"
     assert run_cli("simulate", phantom_tif, out, "--quiet").exit_code == 0

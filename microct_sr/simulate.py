@@ -116,10 +116,10 @@ def _detector(hr_shape: tuple[int, int], params: SimParams, spacing_xy_um: float
     ny, nx = hr_shape
     f, r = params.factor, params.proj_pitch
     reach = 0.5 * math.hypot(ny, nx) + math.hypot(*params.shift_um) / spacing_xy_um
-    n_bins = 2 * int(math.ceil(reach / f)) + 2
+    n_bins = 2 * math.ceil(reach / f) + 2
     n_fine = n_bins * (f // r)
     t = (torch.arange(n_fine, dtype=torch.float64) - (n_fine - 1) / 2) * r
-    n_s = int(math.ceil(2 * reach / r)) + 2
+    n_s = math.ceil(2 * reach / r) + 2
     s = (torch.arange(n_s, dtype=torch.float64) - (n_s - 1) / 2) * r
     return n_bins, t, s
 
@@ -235,7 +235,7 @@ def fbp(sino: np.ndarray, out_shape: tuple[int, int], pitch_px: float, bin_um: f
     ``bin_um`` the detector pitch in um. Returns mu in 1/um on ``out_shape``.
     """
     n_views, n_bins = sino.shape
-    n_pad = max(64, 1 << int(math.ceil(math.log2(2 * n_bins))))
+    n_pad = max(64, 1 << math.ceil(math.log2(2 * n_bins)))
     resp = _filter_response(n_pad, filter_name)
     q = np.fft.irfft(np.fft.rfft(sino, n=n_pad, axis=1) * resp, n=n_pad, axis=1)[:, :n_bins]
     q = torch.from_numpy(q / bin_um)
@@ -375,7 +375,7 @@ def simulate_volume(hr: Any, out: str | Path, params: SimParams, *,
     truth = _truth(params, window, spacing, lr_spacing, hr, lr_shape, random_motion_used)
     if fmt == "nrecon":
         target = out
-        kw = dict(nrecon_prefix=f"{name}_", nrecon_log=_nrecon_log(params))
+        kw = {"nrecon_prefix": f"{name}_", "nrecon_log": _nrecon_log(params)}
     else:
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise UserError("exists and is not empty; use --overwrite to replace it", out)
@@ -439,9 +439,9 @@ def _lr_slices(hr: Any, params: SimParams, spacing: tuple[float, float, float],
     """Yield the LR slices in order, computed in this process or in a process pool
     (spawned, one torch thread each, at most 2 tasks in flight per worker). A task is up to
     4 LR slices sharing the projector's grids (same result as one at a time)."""
+    import multiprocessing
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
 
     f, nz = params.factor, hr.shape[0]
     n_lr = -(-nz // f)

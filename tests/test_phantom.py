@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from microct_sr.metrics.morphometry import morphometry
-from microct_sr.phantom import GRAY, make_phantom, ridge_thickness_vox, trabecular_compartment
+from microct_sr.phantom import (
+    GRAY,
+    make_phantom,
+    ridge_thickness_vox,
+    trabecular_compartment,
+)
 from microct_sr.volume import open_volume
 
 SP = (10.0, 10.0, 10.0)
@@ -46,7 +51,7 @@ def test_other_requests_with_cortex(bvtv, th):
 
 
 def test_gray_levels_noise_and_partial_volume():
-    vol, info = make_phantom((32, 128, 128), SP, cortex=False, seed=0)
+    vol, _info = make_phantom((32, 128, 128), SP, cortex=False, seed=0)
     assert vol.dtype == np.uint8
     marrow = vol[vol < MID - 40]
     bone = vol[vol > MID + 40]
@@ -92,7 +97,7 @@ def test_cli_bad_requests_exit_2(tmp_path, run_cli, args):
 def test_mask_from_real_vertebra_roi(shared_data, tmp_path, run_cli):
     """A real binary bone mask (BoneJ vertebra ROI, 300^3) gets gray values: its bone voxels
     are bright, its marrow dark, and the reported BV/TV is the mask's."""
-    roi = sorted((shared_data / "bone" / "vertebra_rois").glob("*.nrrd"))[0]
+    roi = min((shared_data / "bone" / "vertebra_rois").glob("*.nrrd"))
     out = tmp_path / "masked.tif"
     r = run_cli("phantom", out, "--mask", roi, "--spacing-um", "51.3", "--json")
     assert r.exit_code == 0, r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -64,7 +65,7 @@ def test_lhdl_real_volume_shape_spacing_and_truth(shared_data, tmp_path, run_cli
     assert truth["lr_shape"] == [25, 25, 25] and truth["lr_spacing_um"] == [80.0] * 3
     log = (out / "lhdl_lr_rec.log").read_text(encoding="latin-1")
     assert "Pixel Size (um)=80" in log and "Hamming" in log and "Filename Prefix=lhdl_lr_rec" in log
-    assert sorted(p.name for p in out.glob("*.bmp"))[0] == "lhdl_lr_rec00000000.bmp"
+    assert min(p.name for p in out.glob("*.bmp")) == "lhdl_lr_rec00000000.bmp"
     on_disk = json.loads((out / "simulation.json").read_text())
     assert on_disk["rotation_deg"] == 5.0 and on_disk["shift_um"] == [40.0, -20.0]
     for key in ("factor", "views", "photons", "smoothing", "filter", "seed", "hr_spacing_um",
@@ -172,7 +173,7 @@ def test_noise_falls_like_one_over_sqrt_photons():
     for photons in (2e3, 2e4, 2e5):
         lr = sim(flat, photons=photons, smoothing=0.0)
         stds.append(lr[4:12, 4:12].std())
-    for a, b in zip(stds, stds[1:]):
+    for a, b in itertools.pairwise(stds):
         assert a / b == pytest.approx(math.sqrt(10), rel=0.25)
     # and the mean gray value is unbiased
     assert sim(flat, photons=2e5, smoothing=0.0)[4:12, 4:12].mean() == pytest.approx(120, abs=2)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit_json, json_option, overwrite_option, quiet_option, spacing_option
+from ._common import (
+    emit_json,
+    json_option,
+    overwrite_option,
+    quiet_option,
+    spacing_option,
+)
 
 
 @click.command("simulate")
@@ -59,8 +65,8 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
     written to LR_OUT/simulation.json.
     """
     from ..errors import UserError
-    from ..simulate import DEFAULT_PHOTONS, SimParams, random_motion as draw_motion, \
-        simulate_volume
+    from ..simulate import DEFAULT_PHOTONS, SimParams, simulate_volume
+    from ..simulate import random_motion as draw_motion
     from ..volume import open_volume
 
     if random_motion and (rotation is not None or shift_um is not None):

@@ -928,7 +928,7 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
                                       reg.z_offset))
         bar = progress(total=n_valid, desc=f"pair {scan_id}", quiet=opts.quiet, unit="slice")
         with bar:
-            for patches, st in iter_patches(lr, hr, reg, opts, on_slice=lambda: None):
+            for patches, st in iter_patches(lr, hr, reg, opts):
                 bar.update(1)
                 for k, v in st.items():
                     totals[k] += v

@@ -235,3 +235,179 @@ def test_two_point_is_fragile_on_simulated_scans(name, request):
           f"fits off by > 5 deg: {np.mean(np.array(ransac_err) > 5):.0%} of {len(ransac_err)}")
     assert np.mean(rates) > 0.15             # Eq. 1 on random matches is unreliable ...
     assert ransac_err and np.mean(np.array(ransac_err) > 5) < np.mean(rates)  # RANSAC less so
+
+
+# ----------------------------------------------------------------------------- CLI and outputs
+def _run_pair(run_cli, pair: Pair, out: Path, *extra: str):
+    return run_cli("pair", pair.lr, pair.hr, out, "--lr-patch", "8", *extra)
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".microct-sr-pair.lock")}
+
+
+def test_cli_outputs(run_cli, phantom_pair, tmp_path):
+    import csv
+    import json
+
+    import tifffile
+
+    from microct_sr.pairing import CSV_COLUMNS
+    from microct_sr.volume import open_volume
+
+    out = tmp_path / "pairs"
+    res = _run_pair(run_cli, phantom_pair, out, "--scan-id", "ratA", "--json", "--qc-png")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    reg = doc["registration"]
+    assert reg["scan_id"] == "ratA" and doc["patches"] > 0
+    regs = json.loads((out / "registration.json").read_text())
+    assert isinstance(regs, list) and [g["scan_id"] for g in regs] == ["ratA"]
+    for key in ("scan_id", "method", "angle_deg", "shift_um", "z_offset_hr_slices", "inliers",
+                "slices_used", "conventions"):
+        assert key in regs[0]
+    assert abs(regs[0]["angle_deg"] - phantom_pair.angle_deg) < 0.5
+    with open(out / "pairs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0].keys()) == CSV_COLUMNS and len(rows) == doc["patches"]
+    assert [r["patch_id"] for r in rows] == [f"ratA_{n:05d}" for n in range(len(rows))]
+    with open_volume(phantom_pair.lr) as lv:
+        lr_vol = lv.read(0, lv.shape[0])
+    for r in rows:
+        k, x, y = int(r["lr_slice"]), float(r["lr_x"]), float(r["lr_y"])
+        assert int(r["hr_slice"]) == FACTOR * k + phantom_pair.z_offset + FACTOR // 2
+        assert float(r["ncc"]) >= 0.5
+        lr_p = tifffile.imread(out / "lr" / f"{r['patch_id']}.tif")
+        hr_p = tifffile.imread(out / "hr" / f"{r['patch_id']}.tif")
+        assert lr_p.shape == (8, 8) and hr_p.shape == (64, 64)
+        assert lr_p.dtype == lr_vol.dtype and hr_p.dtype == np.uint8
+        # LR patches are untouched LR pixels
+        np.testing.assert_array_equal(lr_p, lr_vol[k, int(y) - 4:int(y) + 4, int(x) - 4:int(x) + 4])
+    assert sorted(p.name for p in (out / "lr").iterdir()) == \
+        sorted(f"{r['patch_id']}.tif" for r in rows)
+    import cv2
+    qc = cv2.imread(str(out / "qc" / "ratA.png"))
+    assert qc is not None and qc.shape[0] > 100
+    assert not list(out.glob(".microct-sr-tmp*"))
+
+
+@pytest.mark.parametrize("name", ["lhdl_pair", "phantom_pair"])
+def test_patches_correspond(name, request, run_cli, tmp_path):
+    """Without NCC screening (--min-ncc -1) the geometry alone must make the pairs correspond:
+    the median NCC of (upsampled LR, HR) patches is far above that of shuffled pairs."""
+    import tifffile
+
+    from microct_sr.pairing import cubic_up, ncc
+
+    pair = request.getfixturevalue(name)
+    out = tmp_path / "p"
+    res = _run_pair(run_cli, pair, out, "--min-ncc", "-1", "--max-patches-per-slice", "6")
+    assert res.exit_code == 0, res.stderr
+    ids = sorted(p.stem for p in (out / "lr").iterdir())
+    lrs = [cubic_up(tifffile.imread(out / "lr" / f"{i}.tif"), FACTOR) for i in ids]
+    hrs = [tifffile.imread(out / "hr" / f"{i}.tif") for i in ids]
+    real = np.median([ncc(a, b) for a, b in zip(lrs, hrs)])
+    rng = np.random.default_rng(0)
+    perm = [(i, j) for i, j in zip(range(len(ids)), rng.permutation(len(ids))) if i != j]
+    shuffled = np.median([ncc(lrs[i], hrs[j]) for i, j in perm])
+    print(f"{name}: {len(ids)} pairs, median NCC {real:.3f} vs shuffled {shuffled:.3f}")
+    assert len(ids) >= 10
+    assert real > 0.5 and real - shuffled > 0.4
+
+
+def test_several_scans_and_rerun(run_cli, phantom_pair, tmp_path):
+    """Scans share OUT_DIR; re-running one (--overwrite) replaces only its own patches; an
+    existing scan id without --overwrite is refused (exit 2) and nothing changes."""
+    import csv
+    import json
+
+    out = tmp_path / "ds"
+    assert _run_pair(run_cli, phantom_pair, out, "--scan-id", "a").exit_code == 0
+    assert _run_pair(run_cli, phantom_pair, out, "--scan-id", "b",
+                     "--max-patches-per-slice", "2").exit_code == 0
+    b_files = {k: v for k, v in _listing(out).items() if "/b_" in k}
+    before = _listing(out)
+    refused = _run_pair(run_cli, phantom_pair, out, "--scan-id", "a")
+    assert refused.exit_code == 2 and "--overwrite" in refused.stderr
+    assert _listing(out) == before
+    res = _run_pair(run_cli, phantom_pair, out, "--scan-id", "a", "--overwrite",
+                    "--max-patches-per-slice", "1", "--method", "two-point")
+    assert res.exit_code == 0, res.stderr
+    after = _listing(out)
+    assert {k: v for k, v in after.items() if "/b_" in k} == b_files
+    with open(out / "pairs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    a_rows = [r for r in rows if r["scan_id"] == "a"]
+    per_slice = np.bincount([int(r["lr_slice"]) for r in a_rows])
+    assert per_slice.max() == 1
+    assert sorted(k for k in after if k.startswith("lr/a_")) == \
+        sorted(f"lr/{r['patch_id']}.tif" for r in a_rows)
+    regs = json.loads((out / "registration.json").read_text())
+    assert sorted(g["scan_id"] for g in regs) == ["a", "b"]
+    assert next(g for g in regs if g["scan_id"] == "a")["method"] == "two-point"
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict[str, Path]:
+    """A good HR, an LR of a disjoint region, an LR of noise, all as TIFFs."""
+    tmp = tmp_path_factory.mktemp("bad")
+    big = trabecular((48, 256, 512), seed=5)
+    hr, other = big[:, :, :256], big[:, :, 256:]
+    rng = np.random.default_rng(0)
+    return {
+        "hr": _write_tif(tmp / "hr.tif", np.ascontiguousarray(hr), 10.0),
+        "lr_other": _write_tif(tmp / "lr_other.tif",
+                               synth_lr(np.ascontiguousarray(other), FACTOR, 3.0, (0.0, 0.0), 0),
+                               80.0),
+        "lr_noise": _write_tif(tmp / "lr_noise.tif",
+                               rng.integers(0, 255, (6, 32, 32)).astype(np.uint8), 80.0),
+    }
+
+
+@pytest.mark.parametrize("lr_key,needle", [("lr_noise", "match"), ("lr_other", "overlap")])
+def test_no_matches_or_no_overlap_exit_2(run_cli, bad_inputs, phantom_pair, tmp_path, lr_key,
+                                        needle):
+    """Exit 2 with a clear message; an existing dataset in OUT_DIR is left exactly as it was."""
+    out = tmp_path / "ds"
+    assert _run_pair(run_cli, phantom_pair, out, "--scan-id", "good").exit_code == 0
+    before = _listing(out)
+    res = run_cli("pair", bad_inputs[lr_key], bad_inputs["hr"], out, "--lr-patch", "8",
+                  "--scan-id", "bad")
+    print(res.stderr)
+    assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.stderr
+    assert _listing(out) == before
+    assert not list(out.glob(".microct-sr-tmp*"))
+
+
+def test_sizes_not_factor_apart_exit_2(run_cli, bad_inputs, tmp_path):
+    res = run_cli("pair", bad_inputs["hr"], bad_inputs["hr"], tmp_path / "o")
+    assert res.exit_code == 2 and "8x apart" in res.stderr
+    assert not (tmp_path / "o").exists()
+    res = run_cli("pair", bad_inputs["lr_noise"], bad_inputs["hr"], tmp_path / "o",
+                  "--factor", "4", "--lr-patch", "8")
+    assert res.exit_code == 2 and "--factor" in res.stderr
+
+
+def test_bad_scan_id_and_patch_size_exit_2(run_cli, bad_inputs, tmp_path):
+    res = run_cli("pair", bad_inputs["lr_noise"], bad_inputs["hr"], tmp_path / "o",
+                  "--scan-id", "../x")
+    assert res.exit_code == 2 and "scan-id" in res.stderr
+    res = run_cli("pair", bad_inputs["lr_noise"], bad_inputs["hr"], tmp_path / "o",
+                  "--lr-patch", "40")
+    assert res.exit_code == 2 and "--lr-patch" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_akaze_is_a_clear_error(monkeypatch, synth, tmp_path):
+    import cv2
+
+    from microct_sr.errors import UserError
+    from microct_sr.pairing import pair_scans
+
+    monkeypatch.delattr(cv2, "AKAZE_create")
+    with pytest.raises(UserError, match="A-KAZE"):
+        pair_scans(ArrayVolume(synth["lr"], (80.0,) * 3), ArrayVolume(synth["hr"], (10.0,) * 3),
+                   tmp_path / "o", scan_id="x", lr_patch=8)
+    assert not (tmp_path / "o").exists()

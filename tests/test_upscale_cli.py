@@ -76,6 +76,18 @@ def test_upscale_to_nrecon_folder_and_window(run_cli, files, tmp_path):
         assert v.spacing_um[1] == pytest.approx(10.0)
 
 
+def test_upscale_from_nrecon_folder(run_cli, files, tmp_path):
+    """The user's case: the folder NRecon wrote (80 um) -> TIFF at (80, 10, 10) um."""
+    rng = np.random.default_rng(1)
+    folder = write_volume(tmp_path / "scan_lr", rng.integers(0, 255, (4, 10, 12), np.uint8),
+                          (80.0, 80.0, 80.0))
+    out = tmp_path / "out_hr.tif"
+    r = run_cli("upscale", folder, out, "--model", files["model"], "--json")
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["shape"] == [4, 80, 96] and summary["spacing_um"] == [80.0, 10.0, 10.0]
+
+
 def test_no_default_model_says_so(run_cli, files, tmp_path, monkeypatch):
     missing = tmp_path / "weights" / "default.pt"
     monkeypatch.setenv("MICROCT_SR_DEFAULT_MODEL", str(missing))
@@ -199,3 +211,23 @@ def test_help_lists_options(run_cli):
     for opt in ("--model", "--device", "--precision", "--batch-size", "--tile", "--tile-overlap",
                 "--window", "--spacing-um", "--overwrite", "--quiet", "--json"):
         assert opt in r.stdout, opt
+
+
+def test_real_bone_scan_round_trip(run_cli, shared_data, tmp_path):
+    """Real trabecular bone (LHDL, 200^3 uint8, 19.5 um): an 8x block-averaged LR copy
+    (25^3, 156 um) upscales back to the HR grid, dtype and spacing."""
+    with open_volume(shared_data / "bone" / "lhdl_3155_D_4_bc.tif") as hr:
+        vol = hr.read(0, hr.shape[0]).astype(np.float32)
+        spacing = hr.spacing_um
+    lr = vol.reshape(25, 8, 25, 8, 25, 8).mean(axis=(1, 3, 5)).round().astype(np.uint8)
+    scan = write_volume(tmp_path / "lr.tif", lr, tuple(8 * s for s in spacing))
+    model = make_model(tmp_path / "tiny.pt")
+    out = tmp_path / "sr.nii.gz"
+    r = run_cli("upscale", scan, out, "--model", model, "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["shape"] == [25, 200, 200]
+    assert summary["spacing_um"] == pytest.approx([156.0, 19.5, 19.5])
+    with open_volume(out) as v:
+        assert v.shape == (25, 200, 200) and v.dtype == np.uint8
+        assert v.spacing_um == pytest.approx((156.0, 19.5, 19.5), rel=1e-4)

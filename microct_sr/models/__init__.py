@@ -122,7 +122,13 @@ def count_macs(model: nn.Module, lr_hw: tuple[int, int], in_channels: int = 1) -
     child name plus ``"total"``. Runs one forward on the meta device (no memory, no time)."""
     import copy
 
-    meta = copy.deepcopy(model).to("meta")
+    if all(p.is_meta for p in model.parameters()):
+        meta = model
+    elif isinstance(getattr(model, "config", None), ModelConfig):
+        with torch.device("meta"):  # rebuild from the config: cheaper than a deep copy
+            meta = build_model(model.config)
+    else:
+        meta = copy.deepcopy(model).to("meta")
     macs: dict[str, int] = {}
 
     def hook(name: str):

@@ -87,7 +87,8 @@ def cost_summary(config, lr_hw: tuple[int, int] = (160, 160)) -> dict:
     the upsampler's share; computed on the meta device (no memory, no time)."""
     from . import count_macs
 
-    model = R2RCAN(config)
+    with torch.device("meta"):  # no weight initialisation work, no memory
+        model = R2RCAN(config)
     macs = count_macs(model, lr_hw, config.in_channels)
     return {"params": sum(p.numel() for p in model.parameters()),
             "gflop": 2 * macs["total"] / 1e9,

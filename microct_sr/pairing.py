@@ -36,6 +36,7 @@ import re
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,10 +152,12 @@ def cubic_up(img: np.ndarray, u: int) -> np.ndarray:
 
 def ncc(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation of two equally shaped arrays (0 when either is flat)."""
-    a = a.astype(np.float64).ravel() - a.mean()
-    b = b.astype(np.float64).ravel() - b.mean()
-    den = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b / den) if den > 0 else 0.0
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    # einsum, not BLAS dot: a threaded BLAS is far slower on these sizes on a busy machine
+    den = math.sqrt(float(np.einsum("i,i->", a, a)) * float(np.einsum("i,i->", b, b)))
+    return float(np.einsum("i,i->", a, b) / den) if den > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------- features
@@ -165,7 +168,7 @@ class Features:
     response: np.ndarray     # (n,)
 
 
-def detect(img_u8: np.ndarray, threshold: float = 1e-4, max_points: int = 4000) -> Features:
+def detect(img_u8: np.ndarray, threshold: float = 1e-4, max_points: int = 2000) -> Features:
     """A-KAZE keypoints and descriptors; retries with a lower threshold on flat images."""
     cv2 = _cv2()
     kps, desc = [], None
@@ -361,11 +364,14 @@ class PairOptions:
 
 
 class _Reader:
-    """Thread-safe slice access to the two volumes (volume readers need not be thread safe)."""
+    """Thread-safe slice access to the two volumes (volume readers need not be thread safe),
+    with an LRU cache of area-downsampled HR slices (the registration revisits them)."""
 
-    def __init__(self, lr, hr):
+    def __init__(self, lr, hr, cache_mb: int = 384):
         self.lr, self.hr = lr, hr
         self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._bytes, self._max_bytes = 0, cache_mb * 2 ** 20
 
     def lr_slice(self, k: int) -> np.ndarray:
         with self._lock:
@@ -374,6 +380,27 @@ class _Reader:
     def hr_slices(self, z0: int, z1: int) -> np.ndarray:
         with self._lock:
             return np.asarray(self.hr.read(z0, z1))
+
+    def hr_down(self, z: int, d: int) -> np.ndarray:
+        """HR slice ``z`` area-downsampled by ``d`` (float32, cached)."""
+        with self._lock:
+            if (z, d) in self._cache:
+                self._cache.move_to_end((z, d))
+                return self._cache[(z, d)]
+            raw = np.asarray(self.hr.read(z, z + 1))[0]
+        img = area_down(raw, d)
+        if img is raw:
+            img = img.copy()
+        with self._lock:
+            self._cache[(z, d)] = img
+            self._bytes += img.nbytes
+            while self._bytes > self._max_bytes and len(self._cache) > 1:
+                self._bytes -= self._cache.popitem(last=False)[1].nbytes
+        return img
+
+    def hr_slab_down(self, z0: int, z1: int, d: int) -> np.ndarray:
+        """Mean of HR slices [z0, z1) area-downsampled by ``d`` (= downsampled slab mean)."""
+        return np.mean([self.hr_down(z, d) for z in range(z0, z1)], axis=0, dtype=np.float32)
 
 
 def grid_upsample(lr_shape_yx: Sequence[int], factor: int, match_size: int) -> int:
@@ -418,8 +445,7 @@ class _Matcher:
 
     def hr_features(self, k: int, z0: int) -> tuple[np.ndarray, Features]:
         f = self.o.factor
-        slab = self.r.hr_slices(f * k + z0, f * k + z0 + f).astype(np.float32).mean(0)
-        img = stretch_u8(area_down(slab, self.d))
+        img = stretch_u8(self.r.hr_slab_down(f * k + z0, f * k + z0 + f, self.d))
         return img, detect(img)
 
     def fit(self, k: int, z0: int, method: str | None = None) -> SliceFit:
@@ -510,7 +536,7 @@ def z_profile(reader: _Reader, ks: list[int], rigid: Rigid, offsets: list[int],
 
     def one(k: int) -> dict[int, float]:
         z_a, z_b = max(0, f * k + lo), min(n_hr, f * k + hi + f)
-        down = np.stack([area_down(s, f) for s in reader.hr_slices(z_a, z_b)])
+        down = np.stack([reader.hr_down(z, f) for z in range(z_a, z_b)])
         warped = warp_lr_to_hr_grid(reader.lr_slice(k), rigid, down.shape[1:])
         valid = np.isfinite(warped)
         valid[[0, -1], :] = valid[:, [0, -1]] = False
@@ -570,8 +596,8 @@ def refine_ncc(reader: _Reader, ks: list[int], rigid: Rigid, z0: int,
     f = rigid.factor
     data = []
     for k in ks:
-        slab = reader.hr_slices(f * k + z0, f * k + z0 + f).astype(np.float32).mean(0)
-        hr_small = cv2.GaussianBlur(area_down(slab, f), (0, 0), blur_lr_px)
+        hr_small = cv2.GaussianBlur(reader.hr_slab_down(f * k + z0, f * k + z0 + f, f), (0, 0),
+                                    blur_lr_px)
         lr_k = reader.lr_slice(k).astype(np.float32)
         data.append((lr_k, hr_small, _fixed_mask(lr_k, hr_small.shape, rigid, margin)))
     c = np.array([lr_shape_yx[1], lr_shape_yx[0]], float) / 2
@@ -661,10 +687,14 @@ def register(lr, hr, opts: PairOptions, scan_id: str = "scan") -> Registration:
     z_c = coarse[0]
     if len(coarse) > 1:
         score = {}
+        ks_c = valid_lr_slices(n_lr, n_hr, f, min(coarse), max(coarse))
+        # slice-major order keeps the HR cache's working set small
+        todo = [(k, z) for k in _sample(ks_c, 6) for z in coarse] if ks_c else \
+            [(k, z) for z in coarse for k in _sample(valid_lr_slices(n_lr, n_hr, f, z, z), 6)]
+        fits = mt.fit_many(todo, method="ransac")
         for z in coarse:
-            ks_z = _sample(valid_lr_slices(n_lr, n_hr, f, z, z), 6)
-            fits = mt.fit_many([(k, z) for k in ks_z], method="ransac")
-            score[z] = float(np.mean([len(x.src) + 1e-3 * x.n_matches for x in fits]))
+            score[z] = float(np.mean([len(x.src) + 1e-3 * x.n_matches
+                                      for x in fits if x.z_offset == z]))
         z_c = max(score, key=score.get)
         log.debug("coarse Z offset scores %s", score)
     # 2. in-plane fit at the coarse offset

@@ -1,7 +1,8 @@
 """Training data: LR/HR patch pairs from one or more ``microct-sr pair`` folders.
 
 A pair folder holds ``lr/<patch_id>.tif``, ``hr/<patch_id>.tif`` (2D, HR = factor x LR) and
-``pairs.csv`` (patch_id, scan_id, ...). Folders are pooled; the train/val/test split is by
+``pairs.csv`` (patch_id, scan_id, ...); a folder of pair folders stands for all of them.
+Folders are pooled; the train/val/test split is by
 ``scan_id`` (one specimen/animal: give the same scan_id to every simulated setting of the same
 specimen so no specimen leaks across the split). Augmentation: the 8 symmetries of the square
 (rotations by 0/90/180/270 degrees, each with or without a flip), the same for LR and HR.
@@ -50,18 +51,33 @@ class Pair:
         return self.folder / "hr" / f"{self.patch_id}.tif"
 
 
-def read_pairs(dirs: Sequence[str | Path]) -> list[Pair]:
-    """All pairs listed in the ``pairs.csv`` of each folder; UserError naming a bad folder."""
+def pair_folders(dirs: Sequence[str | Path]) -> list[Path]:
+    """The pair folders named by ``dirs``: each is a pair folder, or a folder whose direct
+    subfolders are (e.g. one per simulated scanner setting), taken in name order."""
     if not dirs:
         raise UserError("no --data folder given")
-    pairs: list[Pair] = []
+    found: list[Path] = []
     for d in dirs:
         folder = Path(d)
-        csv_path = folder / "pairs.csv"
         if not folder.is_dir():
             raise UserError("data folder not found", folder)
-        if not csv_path.is_file():
-            raise UserError("no pairs.csv: not a `microct-sr pair` output folder", folder)
+        if (folder / "pairs.csv").is_file():
+            found.append(folder)
+            continue
+        subs = sorted(p.parent for p in folder.glob("*/pairs.csv"))
+        if not subs:
+            raise UserError("no pairs.csv here or in its subfolders: not a `microct-sr pair` "
+                            "output folder", folder)
+        found += subs
+    return found
+
+
+def read_pairs(dirs: Sequence[str | Path]) -> list[Pair]:
+    """All pairs listed in the ``pairs.csv`` of each pair folder (see :func:`pair_folders`);
+    UserError naming a bad folder."""
+    pairs: list[Pair] = []
+    for folder in pair_folders(dirs):
+        csv_path = folder / "pairs.csv"
         with open(csv_path, newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"patch_id", "scan_id"} <= set(reader.fieldnames):

@@ -85,6 +85,11 @@ def test_sampler_depends_only_on_iteration():
         IterationBatchSampler(10, 3, seed=0, start=0, stop=1, world=2)
 
 
+def test_folder_of_pair_folders(folders):
+    parent = folders[0].parent  # holds the pair folders a/ and b/
+    assert read_pairs([parent]) == read_pairs(list(folders))
+
+
 def test_empty_and_missing_folders(tmp_path):
     with pytest.raises(UserError, match="pairs.csv"):
         read_pairs([tmp_path])

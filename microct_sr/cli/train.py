@@ -30,7 +30,7 @@ def _model_options(f):
 @click.option("--stage", type=click.Choice(["psnr", "gan"]), required=True,
               help="psnr: L1 only. gan: L1 + 0.1 RaGAN + 0.5 VGG19 perceptual (needs --init).")
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(),
-              help="A `microct-sr pair` output folder; repeat to pool several.")
+              help="A `microct-sr pair` output folder (or a folder of them); repeat to pool.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Run folder: split.json, train_log.csv, checkpoints/, model.pt.")
 @click.option("--arch", type=click.Choice(list(ARCHS)), default="r2rcan", show_default=True)

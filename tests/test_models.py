@@ -150,3 +150,20 @@ def test_cost_summary_matches_the_documented_table():
     assert small["gflop"] == pytest.approx(14.86, abs=0.05)
     heavy = cost_summary(preset("r2rcan", "small", upsampler="pixelshuffle"))
     assert heavy["gflop"] == pytest.approx(54.5, abs=0.1) and heavy["upsampler_share"] > 0.7
+
+
+def test_channel_attention_equals_pool_conv_formula():
+    """The matrix-product form equals eq. 8-9 written with pooling and 1x1 convs."""
+    torch.manual_seed(0)
+    ca, x = ChannelAttention(16, 4), torch.randn(2, 16, 5, 7)
+    ref = x * torch.sigmoid(ca.up(torch.relu(ca.down(x.mean(dim=(2, 3), keepdim=True)))))
+    torch.testing.assert_close(ca(x), ref)
+    rcab = RCAB(16, 4)
+    y = rcab.conv2(torch.relu(rcab.conv1(x)))
+    torch.testing.assert_close(rcab(x), x + ca.__class__.forward(rcab.ca, y))
+
+
+def test_training_backward_through_inplace_relus():
+    model = build_model(preset("r2rcan", "tiny"))
+    model(torch.rand(2, 1, 6, 6)).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

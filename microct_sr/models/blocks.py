@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
@@ -29,24 +30,30 @@ class ChannelAttention(nn.Module):
     1x1 conv down by ``reduction``, ReLU, 1x1 conv up, sigmoid, rescale the input.
 
     Also serves as the squeeze-and-excitation of the Res2Net block (Hu 2018, sec. 3): the two
-    are the same computation.
+    are the same computation. The 1x1 convs act on pooled (N, C) vectors, so they run as
+    matrix products (same parameters as ``nn.Conv2d``; a 1x1-map conv takes a slow path).
     """
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
         hidden = max(1, channels // reduction)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.down = conv1x1(channels, hidden)
         self.up = conv1x1(hidden, channels)
 
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel scales (N, C, 1, 1) in (0, 1) for ``x``."""
+        s = x.mean(dim=(2, 3))
+        h = torch.relu(F.linear(s, self.down.weight.flatten(1), self.down.bias))
+        return torch.sigmoid(F.linear(h, self.up.weight.flatten(1), self.up.bias))[:, :, None, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.sigmoid(self.up(torch.relu(self.down(self.pool(x)))))
-        return x * w
+        return x * self.weights(x)
 
 
 class RCAB(nn.Module):
     """Residual channel attention block (Zhang 2018, sec. 3.3, eq. 6-7; Yu 2022, sec. 2.2):
-    conv3x3, ReLU, conv3x3, channel attention, plus the block's skip."""
+    conv3x3, ReLU, conv3x3, channel attention, plus the block's skip (skip + y * CA(y) in one
+    ``addcmul`` pass)."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
@@ -55,7 +62,8 @@ class RCAB(nn.Module):
         self.ca = ChannelAttention(channels, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.ca(self.conv2(torch.relu(self.conv1(x))))
+        y = self.conv2(torch.relu_(self.conv1(x)))
+        return torch.addcmul(x, y, self.ca.weights(y))
 
 
 class Res2Block(nn.Module):
@@ -76,13 +84,14 @@ class Res2Block(nn.Module):
         self.se = ChannelAttention(channels, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.chunk(torch.relu(self.reduce(x)), self.scales, dim=1)
+        parts = torch.chunk(torch.relu_(self.reduce(x)), self.scales, dim=1)
         ys = [parts[0]]
         prev = None
         for conv, xi in zip(self.convs, parts[1:]):
-            prev = torch.relu(conv(xi if prev is None else xi + prev))
+            prev = torch.relu_(conv(xi if prev is None else xi + prev))
             ys.append(prev)
-        return x + self.se(self.expand(torch.cat(ys, dim=1)))
+        e = self.expand(torch.cat(ys, dim=1))
+        return torch.addcmul(x, e, self.se.weights(e))
 
 
 class ResidualGroup(nn.Module):

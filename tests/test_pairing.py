@@ -286,6 +286,10 @@ def test_cli_outputs(run_cli, phantom_pair, tmp_path):
         np.testing.assert_array_equal(lr_p, lr_vol[k, int(y) - 4:int(y) + 4, int(x) - 4:int(x) + 4])
     assert sorted(p.name for p in (out / "lr").iterdir()) == \
         sorted(f"{r['patch_id']}.tif" for r in rows)
+    from microct_sr.data import PatchDataset  # the consumer reads it as it is
+
+    ds = PatchDataset([out], ["ratA"])
+    assert len(ds) == len(rows) and ds[0][1].shape == (1, 64, 64)
     import cv2
     qc = cv2.imread(str(out / "qc" / "ratA.png"))
     assert qc is not None and qc.shape[0] > 100

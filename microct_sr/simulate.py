@@ -6,7 +6,8 @@ Per LR slice (see docs/simulate.md for the full model and the conventions):
 2. map gray values to linear attenuation: ``mu = mu_hi * max(g - lo, 0) / (hi - lo)`` with the
    gray window ``(lo, hi)`` and ``mu_hi = attenuation_per_cm`` (1/cm) at the window's top;
 3. rigid in-plane motion of the object (rotation about the centre of the field, then shift);
-4. parallel-beam forward projection over 360 degrees with ``views`` equally spaced views
+4. (the field is padded by ``edge_pad`` LR pixels repeating its edge: the object goes on)
+   parallel-beam forward projection over 360 degrees with ``views`` equally spaced views
    (ray-driven, bilinear sampling, at a projection pitch of ``proj_pitch`` HR pixels);
 5. detector binning: ``factor`` HR-pitch detector pixels -> one LR detector pixel by averaging
    the transmitted intensity ``exp(-p)`` (not the line integrals);
@@ -44,6 +45,7 @@ HR_EXPOSURE_MS, LR_EXPOSURE_MS = 464.0, 40.0
 HR_VIEWS, LR_VIEWS = 900, 225
 DEFAULT_PHOTONS = HR_PHOTONS_PER_PIXEL * 8 * 8 * LR_EXPOSURE_MS / HR_EXPOSURE_MS  # 19310
 
+PAD_MODE = "edge"             # np.pad mode for edge_pad (edge: tissue stays tissue)
 RANDOM_ROTATION_DEG = 10.0     # --random-motion: rotation uniform in [-10, 10] degrees
 RANDOM_SHIFT_LR_PX = 3.0       # and each shift component uniform in [-3, 3] LR pixels
 
@@ -78,6 +80,7 @@ class SimParams:
     window: tuple[float, float] | None = None   # gray (lo, hi); None: from the data
     attenuation_per_cm: float = 4.0             # mu at the window's top, 1/cm
     proj_pitch: int = 2                         # forward-projection pitch in HR pixels
+    edge_pad: int = 2                           # LR pixels of padding (edge values) around
 
     def validate(self) -> None:
         """Raise UserError for impossible values."""
@@ -97,6 +100,8 @@ class SimParams:
                             f"{self.factor}")
         if self.window is not None and not self.window[1] > self.window[0]:
             raise UserError(f"window {self.window}: the high end must exceed the low end")
+        if self.edge_pad < 0:
+            raise UserError(f"--edge-pad must be >= 0 LR pixels, got {self.edge_pad}")
         if not self.attenuation_per_cm > 0:
             raise UserError(f"attenuation must be > 0 1/cm, got {self.attenuation_per_cm}")
 
@@ -284,14 +289,19 @@ def simulate_slabs(hr_slabs: list[np.ndarray], params: SimParams,
                             f"by the factor {f}")
         mus.append(gray_to_mu(slab.astype(np.float32).mean(axis=0), window, mu_hi))
     sxy = float(hr_spacing_um[2])
-    trans = forward_project(np.stack(mus), params, sxy)
-    ny, nx = mus[0].shape
+    e = params.edge_pad
+    stack = np.stack(mus)
+    if e:       # the object goes on beyond the field: repeat its edge rather than air
+        stack = np.pad(stack, ((0, 0), (e * f, e * f), (e * f, e * f)), mode=PAD_MODE)
+    trans = forward_project(stack, params, sxy)
+    ny, nx = stack.shape[1:]
     out = []
     for tr, rng in zip(trans, rngs):
         sino = add_noise(tr, None if params.noiseless else params.photons, rng)
         rec = fbp(sino, (ny // f, nx // f), 1.0, f * sxy, params.filter)
         if params.smoothing > 0:
             rec = ndimage.gaussian_filter(rec, params.smoothing, mode="nearest")
+        rec = rec[e:rec.shape[0] - e, e:rec.shape[1] - e]
         out.append(mu_to_gray(rec, window, mu_hi))
     return out
 
@@ -497,6 +507,7 @@ def _truth(params: SimParams, window: tuple[float, float], spacing: tuple[float,
                        f"bilinear projector at {params.proj_pitch} HR pixel pitch, detector "
                        f"bins of {params.factor} HR pixels averaging exp(-p)"),
         "proj_pitch_hr_px": params.proj_pitch,
+        "edge_pad_lr_px": params.edge_pad,
         "conventions": CONVENTIONS,
     }
 

@@ -47,6 +47,9 @@ from ._common import (
               show_default=True, help="Attenuation (1/cm) at the window's top gray value.")
 @click.option("--proj-pitch", "proj_pitch", type=int, default=2, show_default=True,
               help="Forward-projection pitch in HR pixels (1 = full HR resolution, slower).")
+@click.option("--edge-pad", "edge_pad", type=int, default=2, show_default=True,
+              help="LR pixels added around the field (its edge values repeated) before "
+                   "projection: the object goes on beyond the HR field; 0 = air outside.")
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Worker processes (0: one per CPU core, at most 8).")
 @spacing_option
@@ -57,7 +60,8 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
             smoothing: float, filter_name: str, rotation: float | None,
             shift_um: tuple[float, float] | None, random_motion: bool, seed: int, fmt: str,
             name: str | None, window: tuple[float, float] | None, attenuation_per_cm: float,
-            proj_pitch: int, workers: int, spacing_um, overwrite: bool, as_json: bool, quiet: bool) -> None:
+            proj_pitch: int, edge_pad: int, workers: int, spacing_um, overwrite: bool,
+            as_json: bool, quiet: bool) -> None:
     """Simulate the LR micro-CT scan of the HR volume HR into the folder LR_OUT.
 
     Parallel-beam projection with the object moved rigidly, detector binning, Poisson noise,
@@ -76,7 +80,8 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
                        smoothing=smoothing, filter=filter_name, rotation_deg=rotation or 0.0,
                        shift_um=tuple(shift_um) if shift_um else (0.0, 0.0), seed=seed,
                        window=tuple(window) if window else None,
-                       attenuation_per_cm=attenuation_per_cm, proj_pitch=proj_pitch)
+                       attenuation_per_cm=attenuation_per_cm, proj_pitch=proj_pitch,
+                       edge_pad=edge_pad)
     params.validate()
     with open_volume(hr, spacing_um=spacing_um) as vol:
         if random_motion:

@@ -604,7 +604,9 @@ class _CsvLog:
         rows = []
         if start > 0 and path.is_file():
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start]
+                rows = [r for r in csv.DictReader(f)
+                        if (r.get("iteration") or "").isdigit() and int(r["iteration"]) <= start
+                        and None not in r.values()]  # drops a row cut short by a kill
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, LOG_COLUMNS)

@@ -107,6 +107,8 @@ def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage):
         _kill_at(m, 3)  # dies in iteration 3, after the checkpoint of iteration 2
         with pytest.raises(KeyboardInterrupt):
             train(_cfg(pairs, tmp_path / "killed", **kw))
+    with open(tmp_path / "killed" / "train_log.csv", "a") as f:
+        f.write("3,0.1")  # a row cut short by the kill
     s = train(_cfg(pairs, tmp_path / "killed", resume=True, **kw))
     assert s["iterations_this_run"] == 2
     a, b = _log(tmp_path / "straight"), _log(tmp_path / "killed")

@@ -948,8 +948,10 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
              scan_id, reg.rigid.angle_deg, tuple(round(v, 2) for v in reg.rigid.t_hr),
              reg.z_offset, reg.inliers, len(reg.slices_used))
     reg_json = reg.to_json()
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".microct-sr-tmp-pair-{scan_id}-", dir=out_dir))
+    done = False
     try:
         (tmp / "lr").mkdir()
         (tmp / "hr").mkdir()
@@ -983,8 +985,11 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
 
             write_qc_png(tmp / "qc.png", lr, hr, reg)
         _commit(out_dir, tmp, scan_id, rows, reg_json, overwrite)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not done:
+            shutil.rmtree(out_dir, ignore_errors=True)  # we made it; leave nothing behind
     nccs = np.array([float(r["ncc"]) for r in rows])
     return {"registration": reg_json, "patches": len(rows), "out_dir": str(out_dir),
             "median_ncc": float(np.median(nccs)), "rejected": totals,

@@ -415,3 +415,27 @@ def test_missing_akaze_is_a_clear_error(monkeypatch, synth, tmp_path):
         pair_scans(ArrayVolume(synth["lr"], (80.0,) * 3), ArrayVolume(synth["hr"], (10.0,) * 3),
                    tmp_path / "o", scan_id="x", lr_patch=8)
     assert not (tmp_path / "o").exists()
+
+
+def test_no_patch_passing_ncc_exit_2(run_cli, phantom_pair, tmp_path):
+    res = _run_pair(run_cli, phantom_pair, tmp_path / "o", "--min-ncc", "0.999")
+    assert res.exit_code == 2 and "--min-ncc" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_voxel_size_reports_pixels(synth):
+    """Without any voxel size the shift is still reported, in HR pixels (shift_um null)."""
+    from microct_sr.pairing import PairOptions, register
+
+    reg = register(ArrayVolume(synth["lr"], None), ArrayVolume(synth["hr"], None),
+                   PairOptions(lr_patch=8, z_search=8)).to_json()
+    assert reg["shift_um"] is None and len(reg["shift_hr_px"]) == 2
+    assert abs(reg["angle_deg"] + synth["angle_internal"]) < 0.5   # simulate's sign
+    # truth in simulate's frame: the LR origin (p_lr = 0) sits at p_hr = t_hr, so
+    # 0 = R(a) (t_hr - c) + c + s with a = -angle_internal
+    a = math.radians(-synth["angle_internal"])
+    r = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    c = np.array(synth["hr"].shape[1:][::-1]) / 2
+    s_true = -(r @ (np.asarray(synth["t_hr"]) - c)) - c
+    assert math.hypot(*(np.asarray(reg["shift_hr_px"]) - s_true)) < FACTOR
+    assert reg["z_offset_hr_slices"] == synth["z0"]

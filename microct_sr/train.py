@@ -292,6 +292,10 @@ class _Trainer:
             self.split = resume_ckpt["train_state"]["split"]
         elif cfg.split_file:
             self.split = load_split(cfg.split_file, scans)
+            unused = sorted(set(scans) - {s for v in self.split.values() for s in v})
+            if unused:
+                log.info("%d scan(s) in the data are in no list of %s and stay unused: %s",
+                         len(unused), cfg.split_file, ", ".join(unused[:5]))
         else:
             self.split = make_split(scans, cfg.seed)
         self.train_ds = PatchDataset(pairs=pairs, scan_ids=self.split["train"], augment=True)

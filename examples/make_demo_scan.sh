@@ -5,6 +5,7 @@
 #                Hamming FBP, random rigid motion (NRecon-style folder + simulation.json truth)
 # Then e.g.:  microct-sr upscale DIR/lr_scan DIR/sr.tif
 # Usage: examples/make_demo_scan.sh DIR [SEED]      (about half a minute on 2 cores)
+#        DEMO_SHAPE="Z Y X" overrides the HR size (Y and X multiples of 8), e.g. for tests.
 set -euo pipefail
 if [ $# -lt 1 ]; then
     echo "usage: $0 DIR [SEED]" >&2
@@ -12,9 +13,11 @@ if [ $# -lt 1 ]; then
 fi
 dir=$1
 seed=${2:-0}
+shape=${DEMO_SHAPE:-128 256 256}
 mkdir -p "$dir"
-echo "1/2 phantom: procedural trabecular bone -> $dir/hr_scan" >&2
-microct-sr phantom "$dir/hr_scan" --shape 128 256 256 --spacing-um 10 --bvtv 0.25 \
+echo "1/2 phantom: procedural trabecular bone ($shape voxels at 10 um) -> $dir/hr_scan" >&2
+# shellcheck disable=SC2086  # $shape is three numbers
+microct-sr phantom "$dir/hr_scan" --shape $shape --spacing-um 10 --bvtv 0.25 \
     --thickness-um 80 --seed "$seed" --overwrite
 echo "2/2 simulate: 8x LR scan with random motion -> $dir/lr_scan" >&2
 microct-sr simulate "$dir/hr_scan" "$dir/lr_scan" --factor 8 --views 225 --random-motion \

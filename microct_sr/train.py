@@ -528,14 +528,16 @@ class _Trainer:
                 bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
             is_val = it % cfg.val_every == 0 or it == cfg.iters
             if self.d.main:
+                new_best = False
                 if is_val:
                     last_val = self._validate()
-                    if last_val[0] is not None and (self.best["psnr"] is None
-                                                     or last_val[0] > self.best["psnr"]):
+                    new_best = last_val[0] is not None and (self.best["psnr"] is None
+                                                            or last_val[0] > self.best["psnr"])
+                    if new_best:
                         self.best = {"psnr": last_val[0], "iteration": it}
-                        self._save(it)
-                if (it % cfg.save_every == 0 or it == cfg.iters) and bad == 0:
-                    self._save(it)  # never in a run of non-finite losses
+                due = it % cfg.save_every == 0 or it == cfg.iters
+                if new_best or (due and bad == 0):  # never in a run of non-finite losses
+                    self._save(it)
                 if it % cfg.log_every == 0 or is_val or it == cfg.iters:
                     logger.write(it, window.row(), self.opt_g.param_groups[0]["lr"],
                                  last_val if is_val else (None, None))

@@ -292,6 +292,15 @@ def two_point_failure_rate(src: np.ndarray, dst: np.ndarray, true_angle_deg: flo
 
 
 # ----------------------------------------------------------------------------- registration
+def motion_of(rigid: Rigid, hr_shape_yx: Sequence[int]) -> tuple[float, np.ndarray]:
+    """``rigid`` (LR -> HR) as simulate's motion: (angle_deg, shift in HR px) with
+    p_lr = R(angle) (p_hr - c) + c + shift, c the HR field's centre."""
+    c = np.array([hr_shape_yx[1], hr_shape_yx[0]], float) / 2
+    a = math.radians(rigid.angle_deg)
+    r_inv = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    return -rigid.angle_deg, r_inv @ (c - np.asarray(rigid.t_hr)) - c
+
+
 @dataclass
 class Registration:
     scan_id: str
@@ -307,14 +316,11 @@ class Registration:
     hr_spacing_um: float | None
     hr_shape_yx: tuple[int, int]
     best: SliceFit | None = None
+    per_slice: bool = False
 
     def motion(self) -> tuple[float, np.ndarray]:
         """(angle_deg, shift in HR px) in simulate's convention (see CONVENTIONS)."""
-        r = self.rigid
-        c = np.array([self.hr_shape_yx[1], self.hr_shape_yx[0]], float) / 2
-        a = math.radians(r.angle_deg)
-        r_inv = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
-        return -r.angle_deg, r_inv @ (c - np.asarray(r.t_hr)) - c
+        return motion_of(self.rigid, self.hr_shape_yx)
 
     def to_json(self) -> dict:
         """The ``registration.json`` object for this scan."""
@@ -337,6 +343,7 @@ class Registration:
             "registration_ncc": round(self.ncc, 4),
             "slices_sampled": self.slices_sampled,
             "match_grid_lr_upsample": self.grid_upsample,
+            "refined_per_slice": self.per_slice,
             "conventions": CONVENTIONS,
         }
 
@@ -357,6 +364,7 @@ class PairOptions:
     ransac_threshold_lr_px: float = 0.75
     min_registration_ncc: float = 0.3
     refine: bool = True
+    refine_per_slice: bool = False
     jobs: int = 2
     seed: int = 0
     quiet: bool = False
@@ -584,7 +592,7 @@ def _fixed_mask(lr_slice: np.ndarray, shape: tuple[int, int], rigid: Rigid, marg
 
 def refine_ncc(reader: _Reader, ks: list[int], rigid: Rigid, z0: int,
                lr_shape_yx: Sequence[int], max_change_lr_px: float = 2.0,
-               blur_lr_px: float = 1.0, margin: int = 3) -> Rigid:
+               blur_lr_px: float = 1.0, margin: int = 3, warn: bool = True) -> Rigid:
     """Polish the feature-based transform by maximising the mean NCC between the warped LR
     slices and the HR slab means at LR pixel size, blurred by ``blur_lr_px`` (a scanner's LR is
     blurrier than a box average; matching the blur smooths the cost), by Nelder-Mead over the
@@ -623,7 +631,7 @@ def refine_ncc(reader: _Reader, ks: list[int], rigid: Rigid, z0: int,
     if not res.fun < cost(np.zeros(3)):
         return rigid
     if move >= max_change_lr_px:
-        log.warning("NCC refinement moved the transform by %.1f LR px; kept the feature fit",
+        (log.warning if warn else log.debug)("NCC refinement moved the transform by %.1f LR px; kept the feature fit",
                     move)
         return rigid
     return new
@@ -738,7 +746,8 @@ def register(lr, hr, opts: PairOptions, scan_id: str = "scan") -> Registration:
     best = max(used, key=lambda x: len(x.src))
     return Registration(scan_id, opts.method, rigid, z0, sum(len(x.src) for x in used),
                         sorted(x.lr_slice for x in used), len(ks), u, prof, r_ncc,
-                        hr_pixel_um(lr, hr, f), tuple(hr.shape[1:]), best)
+                        hr_pixel_um(lr, hr, f), tuple(hr.shape[1:]), best,
+                        opts.refine_per_slice)
 
 
 def _z_slices(n_lr: int, n_hr: int, f: int, offsets: list[int], n: int) -> list[int]:
@@ -769,6 +778,7 @@ class Patch:
     ncc: float
     lr: np.ndarray
     hr: np.ndarray
+    rigid: Rigid
 
 
 def hr_crop(hr_slice: np.ndarray, rigid: Rigid, j0: int, i0: int, size_hr: int) -> np.ndarray:
@@ -829,7 +839,8 @@ def slice_patches(lr_slice: np.ndarray, hr_slice: np.ndarray, k: int, hr_k: int,
             stats["low_ncc"] += 1
             continue
         hx, hy = rigid.lr_to_hr(np.array([[cx, cy]]))[0]
-        kept.append(Patch(k, hr_k, cx, cy, float(hx), float(hy), score, lr_c.copy(), hr_c))
+        kept.append(Patch(k, hr_k, cx, cy, float(hx), float(hy), score, lr_c.copy(), hr_c,
+                          rigid))
         if len(kept) >= opts.max_patches_per_slice:
             break
     return kept, stats
@@ -844,8 +855,12 @@ def iter_patches(lr, hr, reg: Registration, opts: PairOptions,
 
     def one(k: int):
         hr_k = f * k + z0 + f // 2
+        rigid = reg.rigid
+        if opts.refine_per_slice:
+            rigid = refine_ncc(reader, [k], rigid, z0, lr.shape[1:], max_change_lr_px=1.5,
+                               warn=False)
         out = slice_patches(reader.lr_slice(k), reader.hr_slices(hr_k, hr_k + 1)[0], k, hr_k,
-                            reg.rigid, opts, reg.grid_upsample)
+                            rigid, opts, reg.grid_upsample)
         if on_slice:
             on_slice()
         return out
@@ -972,7 +987,7 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
                                  "hr_slice": pt.hr_slice, "lr_x": f"{pt.lr_x:g}",
                                  "lr_y": f"{pt.lr_y:g}", "hr_x": f"{pt.hr_x:.2f}",
                                  "hr_y": f"{pt.hr_y:.2f}",
-                                 "angle_deg": f"{reg_json['angle_deg']:.4f}",
+                                 "angle_deg": f"{motion_of(pt.rigid, hr.shape[1:])[0]:.4f}",
                                  "ncc": f"{pt.ncc:.4f}"})
         if not rows:
             raise UserError(

@@ -53,6 +53,9 @@ def default_scan_id(lr_path: str) -> str:
               help="LR voxel size in um (one value or Z,Y,X); overrides the file's metadata.")
 @click.option("--hr-spacing-um", callback=_spacing, default=None,
               help="HR voxel size in um (one value or Z,Y,X); overrides the file's metadata.")
+@click.option("--refine-per-slice", is_flag=True,
+              help="Polish the scan's transform on each LR slice by NCC (within 1.5 LR px) before "
+                   "cutting its patches, for scans that drift; reads every HR slice.")
 @click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 256),
               help="Worker threads.")
 @click.option("--seed", default=0, show_default=True, type=int, help="RANSAC seed.")
@@ -61,7 +64,8 @@ def default_scan_id(lr_path: str) -> str:
 @quiet_option
 def command(lr: str, hr: str, out_dir: str, factor: int, lr_patch: int, method: str,
             z_search: int, min_ncc: float, max_patches_per_slice: int, n_slices: int,
-            scan_id: str | None, qc_png: bool, lr_spacing_um, hr_spacing_um, jobs: int,
+            scan_id: str | None, qc_png: bool, lr_spacing_um, hr_spacing_um,
+            refine_per_slice: bool, jobs: int,
             seed: int, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Register LR to HR (rotation about Z, in-plane shift, Z offset) and cut LR/HR patch pairs
     into OUT_DIR (lr/, hr/, pairs.csv, registration.json). See docs/pair.md."""
@@ -73,7 +77,8 @@ def command(lr: str, hr: str, out_dir: str, factor: int, lr_patch: int, method: 
         res = pair_scans(lv, hv, out_dir, scan_id=sid, overwrite=overwrite, factor=factor,
                          lr_patch=lr_patch, method=method, z_search=z_search, min_ncc=min_ncc,
                          max_patches_per_slice=max_patches_per_slice, n_slices=n_slices,
-                         qc_png=qc_png, jobs=jobs, seed=seed, quiet=quiet)
+                         qc_png=qc_png, refine_per_slice=refine_per_slice, jobs=jobs,
+                         seed=seed, quiet=quiet)
     reg = res["registration"]
     if as_json:
         emit_json(res)

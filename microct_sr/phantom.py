@@ -31,6 +31,7 @@ NOISE_STD = 7.0           # uint8 gray levels, after the PSF
 PSF_SIGMA_VOX = 0.6       # Gaussian point-spread function, voxels
 Z_ELONGATION = 1.3        # trabeculae a little longer along z (loading axis)
 PERFORATED = 0.3          # fraction of plate area removed by perforations
+THICKNESS_BLOCK = 160     # thickness is measured on the central block of this many voxels/axis
 
 
 @dataclass
@@ -48,23 +49,30 @@ class PhantomSpec:
 
 def _field(shape: tuple[int, int, int], lam: float, rng: np.random.Generator) -> np.ndarray:
     """Unit-variance Gaussian random field with a band-pass spectrum peaked at 1/lam."""
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    spec = np.fft.rfftn(noise)
-    kz = np.fft.fftfreq(shape[0])[:, None, None] / Z_ELONGATION
-    ky = np.fft.fftfreq(shape[1])[None, :, None]
-    kx = np.fft.rfftfreq(shape[2])[None, None, :]
-    k = np.sqrt(kz ** 2 + ky ** 2 + kx ** 2)
-    k0 = 1.0 / lam
-    spec *= np.exp(-0.5 * ((k - k0) / (0.3 * k0)) ** 2).astype(np.float32)
-    f = np.fft.irfftn(spec, s=shape, axes=(0, 1, 2)).astype(np.float32)
+    spec = np.fft.rfftn(rng.standard_normal(shape, dtype=np.float32))
+    kz = (np.fft.fftfreq(shape[0]) / Z_ELONGATION).astype(np.float32)[:, None, None]
+    ky = np.fft.fftfreq(shape[1]).astype(np.float32)[None, :, None]
+    kx = np.fft.rfftfreq(shape[2]).astype(np.float32)[None, None, :]
+    k0 = np.float32(1.0 / lam)
+    for z in range(spec.shape[0]):        # plane by plane: no full-size temporaries
+        k = np.sqrt(kz[z] ** 2 + ky ** 2 + kx ** 2)[0]
+        spec[z] *= np.exp(-0.5 * ((k - k0) / (0.3 * k0)) ** 2)
+    f = np.fft.irfftn(spec, s=shape, axes=(0, 1, 2)).astype(np.float32, copy=False)
+    del spec
     f /= f.std() + 1e-12
     return f
 
 
 def _dist(f: np.ndarray) -> np.ndarray:
     """f / |grad f|: signed distance (voxels) to the zero level set, to first order."""
-    g = np.sqrt(sum(np.square(d) for d in np.gradient(f)))
-    return f / np.maximum(g, 1e-3)
+    g2 = np.zeros_like(f)
+    for axis in range(f.ndim):
+        d = np.gradient(f, axis=axis)
+        g2 += d * d
+        del d
+    np.sqrt(g2, out=g2)
+    np.maximum(g2, 1e-3, out=g2)
+    return np.divide(f, g2, out=g2)
 
 
 def _trabecular_distance(shape: tuple[int, int, int], lam: float, half_th: float,
@@ -73,12 +81,20 @@ def _trabecular_distance(shape: tuple[int, int, int], lam: float, half_th: float
     rng = np.random.default_rng(seed)
     d1 = _dist(_field(shape, lam, rng))
     f2 = _field(shape, lam, rng)
-    d3 = _dist(_field(shape, lam, rng))
     hole = float(np.quantile(f2[:: 4, :: 4, :: 4], 1.0 - PERFORATED))
-    plates = np.minimum(half_th - np.abs(d1), _dist(hole - f2))
+    np.subtract(hole, f2, out=f2)
+    keep = _dist(f2)                                   # > 0 where the plate is kept
     del f2
-    rods = half_th - np.sqrt(d1 ** 2 + d3 ** 2)
-    return np.maximum(plates, rods)
+    d3 = _dist(_field(shape, lam, rng))
+    rods = np.square(d3, out=d3)
+    rods += np.square(d1)
+    np.sqrt(rods, out=rods)
+    np.subtract(half_th, rods, out=rods)               # rods: lines where f1 = f3 = 0
+    plates = np.abs(d1, out=d1)
+    np.subtract(half_th, plates, out=plates)
+    np.minimum(plates, keep, out=plates)               # perforated plates
+    del keep
+    return np.maximum(plates, rods, out=plates)
 
 
 def _cortex(shape: tuple[int, int, int], thick_vox: float) -> tuple[np.ndarray, np.ndarray]:
@@ -112,11 +128,20 @@ def _fraction(d: np.ndarray) -> np.ndarray:
     return np.clip(0.5 + d, 0.0, 1.0).astype(np.float32)
 
 
+def _central_block(a: np.ndarray, size: int = THICKNESS_BLOCK) -> np.ndarray:
+    """The central block of at most ``size`` voxels per axis."""
+    sl = tuple(slice(max(0, (n - size) // 2), max(0, (n - size) // 2) + min(n, size))
+               for n in a.shape)
+    return a[sl]
+
+
 def ridge_thickness_vox(bone: np.ndarray) -> float:
     """Fast trabecular thickness in voxels: the mean sphere diameter on the bone's medial ridge
     (local maxima of the distance map), with distances measured to the voxel *surface* like
     ``metrics.morphometry`` (EDT to the nearest marrow voxel centre minus 0.5; so a plate of
-    an even number t of voxels measures t - 1, as there)."""
+    an even number t of voxels measures t - 1, as there). Measured on the central block of at
+    most THICKNESS_BLOCK voxels per axis (memory and time)."""
+    bone = _central_block(bone)
     if not bone.any():
         return 0.0
     edt = ndimage.distance_transform_edt(bone).astype(np.float32)

@@ -959,10 +959,10 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
     check_inputs(lr, hr, opts)
     _cv2()
     reg = register(lr, hr, opts, scan_id)
-    log.info("%s: angle %.3f deg, shift %s HR px, z offset %d, %d inliers on %d slices",
-             scan_id, reg.rigid.angle_deg, tuple(round(v, 2) for v in reg.rigid.t_hr),
-             reg.z_offset, reg.inliers, len(reg.slices_used))
     reg_json = reg.to_json()
+    log.info("%s: registered (angle %.3f deg, shift %s HR px, Z offset %d, NCC %.3f); cutting "
+             "patches", scan_id, reg_json["angle_deg"], reg_json["shift_hr_px"], reg.z_offset,
+             reg.ncc)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".microct-sr-tmp-pair-{scan_id}-", dir=out_dir))

@@ -70,9 +70,9 @@ def write_qc_png(path: Path, lr, hr, reg: Registration) -> None:
     img = np.zeros((h + 40, left.shape[1] + right.shape[1] + 10, 3), np.uint8)
     img[:left.shape[0], :left.shape[1]] = left
     img[:right.shape[0], left.shape[1] + 10:] = right
-    t = reg.rigid.t_hr
+    angle, t = reg.motion()
     text = (f"{reg.scan_id} [{reg.method}] LR slice {k}: {len(best.src)} matches | angle "
-            f"{reg.rigid.angle_deg:.2f} deg, shift ({t[0]:.1f}, {t[1]:.1f}) HR px, z0 {z0} | "
+            f"{angle:.2f} deg, shift ({t[0]:.1f}, {t[1]:.1f}) HR px, z0 {z0} | "
             f"overlay: HR green, LR magenta, NCC {reg.ncc:.2f}")
     cv2.putText(img, text, (8, h + 26), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
                 cv2.LINE_AA)

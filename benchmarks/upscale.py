@@ -13,7 +13,8 @@ Measures, in one run on this machine:
 - the tiled-vs-untiled seam error of infer's blending for the `small` preset;
 - peak RSS of a long run (``--rss-slices``, 500 by default) with the default model.
 
-Each measurement runs in its own subprocess (peak RSS = that process's VmHWM). Ours reads and
+Each measurement runs in its own subprocess (peak RSS = that process's VmHWM); configs are
+timed in ``--repeat`` interleaved rounds and the best round counts (the machine is shared). Ours reads and
 writes real TIFF files; the peers get the volume in memory and keep the output in memory
 (no I/O charged to them). Ratios printed are peer seconds / our seconds (> 1: we are faster).
 
@@ -165,7 +166,7 @@ def child(spec: dict) -> dict:
                     (80.0, 10.0, 10.0)) as w:
                 t = time.perf_counter()
                 stats = upscale_volume(vol, w, model, intensity=intensity,
-                                       batch_size=spec["batch_size"], device=dev,
+                                       batch_size=spec["batch_size"] or None, device=dev,
                                        precision=prec,
                                        tile=spec.get("ours_tile", 0), tile_overlap=16,
                                        channels_last=spec.get("channels_last", True),
@@ -231,17 +232,28 @@ def run_child(spec: dict, threads: int) -> dict:
     return res
 
 
+def summarise(rounds: list[dict]) -> dict:
+    """Best round of one config (its figures), plus the median time and the largest RSS."""
+    best = dict(min(rounds, key=lambda r: r["seconds"]))
+    best["seconds_all"] = [r["seconds"] for r in rounds]
+    best["seconds_median"] = float(np.median(best["seconds_all"]))
+    best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rounds)
+    best["conv_peak_here"] = max(r["conv_peak_here"] for r in rounds)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--slices", type=int, default=16, help="slices for the small preset")
     ap.add_argument("--paper-slices", type=int, default=1, help="slices for paper (0: skip)")
     ap.add_argument("--rss-slices", type=int, default=500, help="long run for RSS (0: skip)")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=0, help="ours; 0: infer's default")
     ap.add_argument("--tile", type=int, default=64, help="peers' tile / roi (LR px)")
     ap.add_argument("--re-pad", type=int, default=10, help="Real-ESRGAN tile_pad (LR px)")
     ap.add_argument("--ours-tile", type=int, default=64,
                     help="also time ours with --tile N --tile-overlap 16 (0: skip)")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds (best counts)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch/OpenMP threads (1: stable figures on a shared machine)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (peers run there too)")
@@ -258,26 +270,35 @@ def main() -> None:
                  "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
     res["conv_peak"] = conv_peak(device=args.device, precision=args.precision)
     print(f"conv3x3 64->64 peak: {res['conv_peak']}", file=sys.stderr)
-    runs = []
-    peers = {"tile": args.tile, "pad": args.re_pad}
-    for name, n, bs in (("small", args.slices, args.batch_size), ("paper", args.paper_slices, 1)):
+    peers = {"tile": args.tile, "pad": args.re_pad, "channels_last": True}
+    configs = []
+    for name, n, bs in (("small", args.slices, args.batch_size),
+                        ("paper", args.paper_slices, args.batch_size)):
         if n <= 0:
             continue
         base = {"preset": name, "slices": n, "batch_size": bs, "device": args.device,
                 "precision": args.precision}
-        ours = [run_child({**base, "method": "ours", "channels_last": cl}, args.threads)
-                for cl in (False, True)]
-        best = min(ours, key=lambda r: r["seconds"])
-        runs += ours
-        if args.ours_tile:  # cache blocking: tiles whose activations stay in cache
-            runs.append(run_child({**base, "method": "ours", "channels_last": True,
-                                   "ours_tile": args.ours_tile}, args.threads))
-        for method in ("realesrgan", "monai"):  # peers get our best memory format too
-            r = run_child({**base, "method": method, **peers,
-                           "channels_last": best["channels_last"]}, args.threads)
-            r["ours_speedup"] = r["seconds"] / best["seconds"]
-            runs.append(r)
-    res["runs"] = runs
+        configs.append({**base, "method": "ours", "channels_last": True})
+        if name == "small":  # the memory-format decision (NCHW vs channels_last)
+            configs.append({**base, "method": "ours", "channels_last": False})
+        if args.ours_tile:  # whole slices vs tiles for the same work
+            configs.append({**base, "method": "ours", "channels_last": True,
+                            "ours_tile": args.ours_tile})
+        configs += [{**base, "method": m, **peers} for m in ("realesrgan", "monai")]
+    # Interleaved rounds: other people's load drifts, so every config is timed once per round
+    # and the best round counts (the median is reported too).
+    timings: list[list[dict]] = [[] for _ in configs]
+    for _ in range(args.repeat):
+        for i, spec in enumerate(configs):
+            timings[i].append(run_child(spec, args.threads))
+    res["runs"] = [summarise(t) for t in timings]
+    for r in res["runs"]:
+        ours = next(o for o in res["runs"] if o["preset"] == r["preset"]
+                    and o["method"] == "ours" and o["channels_last"] and not o.get("ours_tile"))
+        if r["method"] != "ours":
+            r["ours_speedup"] = r["seconds"] / ours["seconds"]
+            r["ours_speedup_median"] = r["seconds_median"] / ours["seconds_median"]
+    runs = res["runs"]
     if args.rss_slices > 0:
         res["rss_run"] = run_child({"preset": "small", "slices": args.rss_slices,
                                     "batch_size": args.batch_size, "method": "ours",
@@ -290,6 +311,7 @@ def main() -> None:
                                    [r["conv_peak_here"] for r in runs_all])
     for r in runs_all:
         r["peak_fraction"] = r["gflops"] / res["machine_conv_peak"]
+        r["local_peak_fraction"] = r["gflops"] / r["conv_peak_here"]
     res["loadavg_end"] = os.getloadavg()
     print(json.dumps(res, indent=2))
     if args.json:

@@ -55,6 +55,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Slices per forward pass: 8 on CUDA (fills the GPU), 1 on the CPU, where one 160 x 160
+    slice's activations already exceed the caches and bigger batches ran slower (0.15 s per
+    slice at batch 1 vs 0.24 s at batch 4 for `small`, one thread; docs/performance.md)."""
+    return 8 if device.type == "cuda" else 1
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" -> "fp16" on CUDA, "fp32" elsewhere; "fp16"/"fp32" as given."""
     if precision == "auto":
@@ -237,7 +244,7 @@ def _writer(writer, lo: float, hi: float, dtype: np.dtype, q: queue.Queue,
 
 
 def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
-                   window: tuple[float, float] | None = None, batch_size: int = 4,
+                   window: tuple[float, float] | None = None, batch_size: int | None = None,
                    tile: int = 0, tile_overlap: int = 16, device: str = "auto",
                    output_device: str = "cpu", precision: str = "auto",
                    channels_last: bool = True, quiet: bool = False,
@@ -249,24 +256,27 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
         the caller closes it (or aborts it on error).
     model: a generator in eval mode; moved to ``device`` (and channels_last) in place.
     intensity: the checkpoint's ``{"window": [lo, hi], "dtype"}``; ``window`` overrides it.
-    batch_size: slices per forward pass (Z batching). tile / tile_overlap: LR pixels per tile
-        side and the overlap between tiles (tile 0 = whole slices).
+    batch_size: slices per forward pass (Z batching); None: :func:`default_batch_size`.
+        tile / tile_overlap: LR pixels per tile side and the overlap between tiles (tile 0 =
+        whole slices).
     device: where the network runs ("auto", "cpu", "cuda[:N]"); output_device: where tiles
         are blended and results gathered before the writer (default "cpu": GPU memory stays
         bounded by one batch of tiles).
     precision: "auto" (fp16 autocast on CUDA, fp32 elsewhere), "fp16" or "fp32".
     channels_last: NHWC memory format (default True: faster on CUDA tensor cores and, measured
-        by benchmarks/upscale.py, about 2x faster with oneDNN on this CPU; docs/performance.md).
+        by benchmarks/upscale.py, 1.6-1.7x faster with oneDNN on a 2-core CPU; see
+        docs/performance.md).
     queue_size: batches buffered between reader, compute and writer.
 
-    Returns ``{"device", "precision", "window", "slices", "seconds", "slices_per_second",
-    "compute_seconds", "fp16_fallbacks"}``.
+    Returns ``{"device", "precision", "batch_size", "window", "slices", "seconds",
+    "slices_per_second", "compute_seconds", "fp16_fallbacks"}``.
     """
+    dev = resolve_device(device)
+    batch_size = default_batch_size(dev) if batch_size is None else batch_size
     if batch_size < 1 or tile < 0 or tile_overlap < 0:
         raise UserError("batch size must be >= 1, tile and tile overlap >= 0")
     if tile and tile_overlap >= tile:
         raise UserError(f"tile overlap ({tile_overlap}) must be smaller than the tile ({tile})")
-    dev = resolve_device(device)
     out_dev = torch.device(output_device)
     prec = resolve_precision(precision, dev)
     lo, hi = resolve_window(intensity, window, volume.dtype)
@@ -322,6 +332,7 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
                 t.join()
         bar.close()
     seconds = time.perf_counter() - t0
-    return {"device": str(dev), "precision": prec, "window": [lo, hi], "slices": nz,
+    return {"device": str(dev), "precision": prec, "batch_size": batch_size,
+            "window": [lo, hi], "slices": nz,
             "seconds": seconds, "slices_per_second": nz / seconds if seconds > 0 else None,
             "compute_seconds": compute, "fp16_fallbacks": state.fallbacks}

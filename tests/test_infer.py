@@ -226,5 +226,9 @@ def test_auto_device_and_precision_on_cpu():
         pytest.skip("checks the CPU-only defaults; this machine has CUDA")
     assert infer.resolve_device("auto").type == "cpu"
     assert infer.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert infer.default_batch_size(torch.device("cpu")) == 1
+    assert infer.default_batch_size(torch.device("cuda")) == 8
+    _, stats = run(lr_volume(np.uint8, z=3))
+    assert stats["batch_size"] == 1
     with pytest.raises(UserError, match="CUDA"):
         infer.resolve_device("cuda")

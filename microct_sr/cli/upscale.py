@@ -37,8 +37,8 @@ def _model_path(model: Path | None) -> Path:
               help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto",
               show_default=True, help="auto: fp16 autocast on CUDA, fp32 on the CPU.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Slices per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Slices per forward pass [default: 8 on CUDA, 1 on the CPU].")
 @click.option("--tile", type=click.IntRange(min=0), default=0, show_default=True,
               help="Tile side in LR pixels for slices too big for the device; 0 = whole slices.")
 @click.option("--tile-overlap", type=click.IntRange(min=0), default=16, show_default=True,
@@ -51,7 +51,7 @@ def _model_path(model: Path | None) -> Path:
 @quiet_option
 @json_option
 def command(input_path: Path, output_path: Path, model: Path | None, device: str,
-            precision: str, batch_size: int, tile: int, tile_overlap: int,
+            precision: str, batch_size: int | None, tile: int, tile_overlap: int,
             window: tuple[float, float] | None, spacing_um, overwrite: bool, quiet: bool,
             as_json: bool) -> None:
     """Super-resolve INPUT (any volume `info` reads) 8x in-plane into OUTPUT (.tif, .ome.tif,

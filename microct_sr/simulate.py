@@ -112,6 +112,12 @@ class SimParams:
 
 # ----------------------------------------------------------------------------- geometry
 
+def auto_proj_pitch(factor: int) -> int:
+    """Default projection pitch: 2 HR pixels when it divides the factor (and factor >= 4;
+    the difference to full resolution is far below the noise, docs/simulate.md), else 1."""
+    return 2 if factor >= 4 and factor % 2 == 0 else 1
+
+
 def _detector(hr_shape: tuple[int, int], params: SimParams, spacing_xy_um: float
               ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(LR bins, fine detector offsets t, ray samples s), both in HR pixels from the centre.

@@ -45,8 +45,9 @@ from ._common import (
                    "(default: 0 for unsigned data .. the 99.9th percentile).")
 @click.option("--attenuation", "attenuation_per_cm", type=float, default=4.0,
               show_default=True, help="Attenuation (1/cm) at the window's top gray value.")
-@click.option("--proj-pitch", "proj_pitch", type=int, default=2, show_default=True,
-              help="Forward-projection pitch in HR pixels (1 = full HR resolution, slower).")
+@click.option("--proj-pitch", "proj_pitch", type=int, default=0, show_default=True,
+              help="Forward-projection pitch in HR pixels (0: 2 when it divides the factor, "
+                   "else 1; 1 = full HR resolution, slower).")
 @click.option("--edge-pad", "edge_pad", type=int, default=2, show_default=True,
               help="LR pixels added around the field (its edge values repeated) before "
                    "projection: the object goes on beyond the HR field; 0 = air outside.")
@@ -69,7 +70,7 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
     written to LR_OUT/simulation.json.
     """
     from ..errors import UserError
-    from ..simulate import DEFAULT_PHOTONS, SimParams, simulate_volume
+    from ..simulate import DEFAULT_PHOTONS, SimParams, auto_proj_pitch, simulate_volume
     from ..simulate import random_motion as draw_motion
     from ..volume import open_volume
 
@@ -80,7 +81,8 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
                        smoothing=smoothing, filter=filter_name, rotation_deg=rotation or 0.0,
                        shift_um=tuple(shift_um) if shift_um else (0.0, 0.0), seed=seed,
                        window=tuple(window) if window else None,
-                       attenuation_per_cm=attenuation_per_cm, proj_pitch=proj_pitch,
+                       attenuation_per_cm=attenuation_per_cm,
+                       proj_pitch=proj_pitch or auto_proj_pitch(factor),
                        edge_pad=edge_pad)
     params.validate()
     with open_volume(hr, spacing_um=spacing_um) as vol:

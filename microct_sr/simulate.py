@@ -5,15 +5,17 @@ Per LR slice (see docs/simulate.md for the full model and the conventions):
 1. average the ``factor`` HR slices the LR slice covers (LR slice k <- HR slices [fk, fk+f));
 2. map gray values to linear attenuation: ``mu = mu_hi * max(g - lo, 0) / (hi - lo)`` with the
    gray window ``(lo, hi)`` and ``mu_hi = attenuation_per_cm`` (1/cm) at the window's top;
-3. rigid in-plane motion of the object (rotation about the centre of the field, then shift);
-4. (the field is padded by ``edge_pad`` LR pixels repeating its edge: the object goes on)
-   parallel-beam forward projection over 360 degrees with ``views`` equally spaced views
+3. pad the field by ``edge_pad`` LR pixels repeating its edge (the object goes on beyond it);
+4. rigid in-plane motion of the object (rotation about the centre of the field, then shift),
+   applied inside the projector;
+5. parallel-beam forward projection over 360 degrees with ``views`` equally spaced views
    (ray-driven, bilinear sampling, at a projection pitch of ``proj_pitch`` HR pixels);
-5. detector binning: ``factor`` HR-pitch detector pixels -> one LR detector pixel by averaging
+6. detector binning: ``factor`` HR-pitch detector pixels -> one LR detector pixel by averaging
    the transmitted intensity ``exp(-p)`` (not the line integrals);
-6. Poisson noise with ``photons`` counts per LR detector pixel per view for the open beam, -log;
-7. filtered back-projection (ramp filter times the chosen window) onto the LR grid;
-8. Gaussian smoothing (``smoothing`` LR pixels), back to gray values with the same window.
+7. Poisson noise with ``photons`` counts per LR detector pixel per view for the open beam, -log;
+8. filtered back-projection (ramp filter times the chosen window) onto the LR grid, crop the
+   padding;
+9. Gaussian smoothing (``smoothing`` LR pixels), back to gray values with the same window.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class LazyBone:
         noise = np.random.default_rng(z).normal(0, 1500, img.shape)
         return np.clip(img + 1000 + noise, 0, 65535).astype(np.uint16)
 
-    def materialise(self) -> "LazyBone":
+    def materialise(self) -> LazyBone:
         """Synthesise every slice once into memory, so `pair` timings exclude synthesis."""
         self.cache = np.stack([self.slice(z) for z in range(self.shape[0])])
         return self

@@ -37,10 +37,11 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -819,7 +820,7 @@ def slice_patches(lr_slice: np.ndarray, hr_slice: np.ndarray, k: int, hr_k: int,
     kept: list[Patch] = []
     tried = 0
     for x, y in points:
-        j0, i0 = int(round(x - p / 2)), int(round(y - p / 2))
+        j0, i0 = round(float(x) - p / 2), round(float(y) - p / 2)
         stats["candidates"] += 1
         if j0 < 0 or i0 < 0 or j0 + p > lr_slice.shape[1] or i0 + p > lr_slice.shape[0] or \
                 not _hr_corners_inside(rigid, j0, i0, p, hr_slice.shape):

@@ -6,8 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .pairing import (Registration, _Reader, area_down, cubic_up, stretch_u8,
-                      warp_lr_to_hr_grid)
+from .pairing import (
+    Registration,
+    _Reader,
+    area_down,
+    cubic_up,
+    stretch_u8,
+    warp_lr_to_hr_grid,
+)
 
 
 def _to_size(img: np.ndarray, size: int) -> np.ndarray:

@@ -215,8 +215,13 @@ def test_two_point_on_clean_synthetic_pair(synth):
 def test_two_point_is_fragile_on_simulated_scans(name, request):
     """Report two-point's error on simulated scans and how often a random pair of ratio-test
     matches gives an Eq. 1 angle off by more than 5 degrees (the issue measured ~30%)."""
-    from microct_sr.pairing import PairOptions, UserError, _Matcher, _Reader, \
-        two_point_failure_rate
+    from microct_sr.pairing import (
+        PairOptions,
+        UserError,
+        _Matcher,
+        _Reader,
+        two_point_failure_rate,
+    )
     from microct_sr.volume import open_volume
 
     pair = request.getfixturevalue(name)

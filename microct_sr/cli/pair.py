@@ -8,7 +8,13 @@ from pathlib import Path
 
 import click
 
-from ._common import emit_json, json_option, overwrite_option, parse_spacing, quiet_option
+from ._common import (
+    emit_json,
+    json_option,
+    overwrite_option,
+    parse_spacing,
+    quiet_option,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import pytest
 import tifffile
 import torch
 
-from _train_data import make_pair_folder
+from _train_data import make_pair_folder, one_torch_thread  # noqa: F401 (autouse)
 from microct_sr import losses, train as train_mod
 from microct_sr.checkpoint import load_checkpoint, load_model
 from microct_sr.data import make_split
@@ -95,7 +95,7 @@ def _kill_at(monkeypatch, n_calls: int) -> None:
     monkeypatch.setattr(train_mod._Trainer, "_step", step)
 
 
-@pytest.mark.parametrize("stage", ["psnr", pytest.param("gan", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stage", ["psnr", "gan"])
 def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage):
     extra = {}
     if stage == "gan":
@@ -260,13 +260,13 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(pairs, tmp_path):
     args = [exe, "train", "--stage", "psnr", "--data", pairs[0], "--arch", "srcnn",
             "--preset", "tiny", "--iters", "12", "--batch-size", "2", "--workers", "0",
             "--val-every", "12", "--keep", "2", "--deterministic", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     straight = subprocess.run([*args, "--out", str(tmp_path / "straight")],
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, env=env)
     assert straight.returncode == 0, straight.stderr
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*args, "--out", str(killed), "--save-every", "1"],
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         while proc.poll() is None and not (killed / "checkpoints" / "iter_00000003.pt").exists():
             time.sleep(0.005)
@@ -276,7 +276,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(pairs, tmp_path):
     if (killed / "model.pt").exists():
         pytest.skip("the run finished before the kill (machine too fast for this check)")
     resumed = subprocess.run([*args, "--out", str(killed), "--resume"], capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr
     sa = load_checkpoint(tmp_path / "straight" / "model.pt")["state_dict"]
     sb = load_checkpoint(killed / "model.pt")["state_dict"]

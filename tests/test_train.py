@@ -167,6 +167,15 @@ def test_single_scan_trains_without_validation(tmp_path):
     assert (tmp_path / "r" / "model.pt").is_file()
 
 
+def test_cpu_threads_leave_cores_to_workers(pairs, tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    torch.set_num_threads(2)
+    train(_cfg(pairs, tmp_path / "t", arch="srcnn", iters=1, workers=1, device="cpu"))
+    assert "using 1 torch thread(s) beside 1 data worker(s)" in caplog.text
+    assert torch.get_num_threads() == 2  # restored after the run
+
+
 def test_amp_is_cuda_only(pairs, tmp_path, caplog):
     s = train(_cfg(pairs, tmp_path / "amp", arch="srcnn", iters=1, amp=True, device="cpu"))
     assert s["iterations"] == 1 and "CUDA only" in caplog.text

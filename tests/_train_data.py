@@ -11,9 +11,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tifffile
-import torch
 from scipy import ndimage
 
 from conftest import SHARED_DATA
@@ -60,13 +58,3 @@ def make_pair_folder(out: Path, scan_ids: list[str], patches_per_scan: int = 4,
         w.writeheader()
         w.writerows(rows)
     return out
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny networks on a loaded 2-core machine: one intra-op thread avoids OpenMP threads
-    spinning against each other (30x slower steps measured under load); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -64,3 +64,20 @@ def invoke_cli(*args: str | Path) -> CliResult:
 def run_cli():
     """``run_cli("info", path, "--json")`` -> :class:`CliResult` (exit_code, stdout, stderr)."""
     return invoke_cli
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests run on one torch thread: on a shared 2-core machine OpenMP threads that spin on
+    busy cores made tiny-network steps up to 30x slower; results do not depend on it."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _train_data import one_torch_thread  # noqa: F401 (autouse fixture)
 from microct_sr.models import build_model, preset
 from microct_sr.models.discriminator import UNetDiscriminatorSN
 

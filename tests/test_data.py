@@ -8,7 +8,7 @@ import pytest
 import tifffile
 import torch
 
-from _train_data import make_pair_folder, one_torch_thread  # noqa: F401 (autouse)
+from _train_data import make_pair_folder
 from microct_sr.data import (IterationBatchSampler, PatchDataset, augment_pair, estimate_window,
                              load_split, make_split, read_pairs, save_split)
 from microct_sr.errors import UserError

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torchvision.models.vgg import cfgs, make_layers
 
-from _train_data import one_torch_thread  # noqa: F401 (autouse fixture)
 from microct_sr import losses
 from microct_sr.errors import UserError
 from microct_sr.losses import (VGGPerceptualLoss, ragan_d_loss, ragan_g_loss,

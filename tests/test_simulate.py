@@ -19,18 +19,6 @@ SP = (10.0, 10.0, 10.0)
 WINDOW = (0.0, 255.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """simulate_slab in this process: one torch thread, as simulate's workers use (two threads
-    on the 2-core CI machine are slower when anything else runs)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def phantom_slab() -> np.ndarray:
     """8 HR slices (one LR slice) of a 256 x 256 phantom with cortex, uint8."""

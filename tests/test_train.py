@@ -18,7 +18,7 @@ import pytest
 import tifffile
 import torch
 
-from _train_data import make_pair_folder, one_torch_thread  # noqa: F401 (autouse)
+from _train_data import make_pair_folder
 from microct_sr import losses, train as train_mod
 from microct_sr.checkpoint import load_checkpoint, load_model
 from microct_sr.data import make_split

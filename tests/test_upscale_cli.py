@@ -127,6 +127,10 @@ def test_bad_input_exit_2(run_cli, files, tmp_path):
     r = run_cli("upscale", files["scan"], tmp_path / "o.tif", "--model", files["model"],
                 "--tile", "8", "--tile-overlap", "8")
     assert r.exit_code == 2 and "overlap" in r.stderr
+    if not torch.cuda.is_available():
+        r = run_cli("upscale", files["scan"], tmp_path / "o.tif", "--model", files["model"],
+                    "--device", "cuda")
+        assert r.exit_code == 2 and "CUDA is not available" in r.stderr
     assert not (tmp_path / "o.tif").exists()
 
 

@@ -15,8 +15,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -224,7 +225,7 @@ def _reader(volume, batch_size: int, lo: float, hi: float, q: queue.Queue,
             if not _put(q, normalise(volume.read(z0, min(z0 + batch_size, nz)), lo, hi), stop):
                 return
         _put(q, _DONE, stop)
-    except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+    except BaseException as e:  # handed to the calling thread
         _put(q, _Failure(e), stop)
 
 
@@ -238,7 +239,7 @@ def _writer(writer, lo: float, hi: float, dtype: np.dtype, q: queue.Queue,
                 return
             writer.write(denormalise(item, lo, hi, dtype))
             bar.update(len(item))
-    except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+    except BaseException as e:  # handed to the calling thread
         errors.append(e)
         stop.set()
 

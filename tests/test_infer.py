@@ -16,8 +16,15 @@ import torch.nn.functional as F
 
 from microct_sr import infer
 from microct_sr.errors import UserError
-from microct_sr.infer import (PrecisionState, output_geometry, ramp, resolve_window,
-                              sr_forward, tile_starts, upscale_volume)
+from microct_sr.infer import (
+    PrecisionState,
+    output_geometry,
+    ramp,
+    resolve_window,
+    sr_forward,
+    tile_starts,
+    upscale_volume,
+)
 from microct_sr.models import build_model, preset
 
 

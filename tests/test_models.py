@@ -7,9 +7,15 @@ import torch
 import torch.nn as nn
 
 from microct_sr.models import PRESETS, ModelConfig, build_model, count_macs, preset
-from microct_sr.models.blocks import (RCAB, ChannelAttention, LightUpsampler,
-                                      PixelShuffleUpsampler, Res2Block, ResidualGroup,
-                                      make_upsampler)
+from microct_sr.models.blocks import (
+    RCAB,
+    ChannelAttention,
+    LightUpsampler,
+    PixelShuffleUpsampler,
+    Res2Block,
+    ResidualGroup,
+    make_upsampler,
+)
 from microct_sr.models.r2rcan import R2RCAN, body_layout, cost_summary
 
 

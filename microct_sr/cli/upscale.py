@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from ._common import emit_json, json_option, overwrite_option, quiet_option, spacing_option
+from ._common import (
+    emit_json,
+    json_option,
+    overwrite_option,
+    quiet_option,
+    spacing_option,
+)
 
 log = logging.getLogger(__name__)
 

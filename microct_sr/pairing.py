@@ -302,6 +302,42 @@ def motion_of(rigid: Rigid, hr_shape_yx: Sequence[int]) -> tuple[float, np.ndarr
     return -rigid.angle_deg, r_inv @ (c - np.asarray(rigid.t_hr)) - c
 
 
+def rigid_from_motion(angle_deg: float, shift_hr_px: Sequence[float], factor: int,
+                      hr_shape_yx: Sequence[int]) -> Rigid:
+    """The inverse of :func:`motion_of`: simulate's motion (p_lr = R(angle) (p_hr - c) + c +
+    shift, HR px) as the LR -> HR :class:`Rigid`, p_hr = R(-angle) (p_lr - c - shift) + c."""
+    c = np.array([hr_shape_yx[1], hr_shape_yx[0]], float) / 2
+    a = math.radians(-angle_deg)
+    r = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    t = c - r @ (c + np.asarray(shift_hr_px, float))
+    return Rigid(angle_deg=-angle_deg, t_hr=(float(t[0]), float(t[1])), factor=factor)
+
+
+def read_simulated_motion(path: str | Path) -> tuple[float, list[float]]:
+    """(rotation_deg, shift_um) from a ``simulation.json`` written by ``simulate``."""
+    try:
+        truth = json.loads(Path(path).read_text())
+        return float(truth["rotation_deg"]), [float(v) for v in truth["shift_um"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"not a readable simulation.json with rotation_deg and shift_um ({e})",
+                        path) from e
+
+
+def registration_from_motion(lr, hr, opts: "PairOptions", scan_id: str, angle_deg: float,
+                             shift_um: Sequence[float]) -> "Registration":
+    """A known motion (e.g. ``simulate``'s ``simulation.json``) as a :class:`Registration`,
+    for simulated scans too blurred or noisy for A-KAZE; patches are still NCC-screened."""
+    sx = hr_pixel_um(lr, hr, opts.factor)
+    if sx is None:
+        raise UserError("a known motion in um needs the HR voxel size: pass --hr-spacing-um",
+                        _path(hr))
+    rigid = rigid_from_motion(angle_deg, [v / sx for v in shift_um], opts.factor, hr.shape[1:])
+    return Registration(scan_id=scan_id, method="known-motion", rigid=rigid, z_offset=0,
+                        inliers=0, slices_used=[], slices_sampled=0, z_ncc={},
+                        grid_upsample=grid_upsample(lr.shape[1:], opts.factor, opts.match_size),
+                        ncc=0.0, hr_spacing_um=sx, hr_shape_yx=tuple(hr.shape[1:]))
+
+
 @dataclass
 class Registration:
     scan_id: str
@@ -940,9 +976,13 @@ def _csv_text(rows: list[dict]) -> str:
 
 
 def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = False,
+               known_motion: tuple[float, Sequence[float]] | None = None,
                **options: Any) -> dict:
     """Register ``lr`` to ``hr`` (``Volume``s), cut patches into ``out_dir`` and return
-    ``{"registration": {...}, "patches": n, ...}``. See docs/pair.md."""
+    ``{"registration": {...}, "patches": n, ...}``. See docs/pair.md.
+
+    ``known_motion = (rotation_deg, shift_um)`` in simulate's convention skips the registration
+    (Z offset 0), for simulated scans whose truth is known."""
     import tifffile
 
     from .progress import progress
@@ -958,8 +998,11 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
         raise UserError(f"scan id {scan_id!r} is already in {out_dir}; use --overwrite to "
                         "replace its patches or choose another --scan-id", out_dir)
     check_inputs(lr, hr, opts)
-    _cv2()
-    reg = register(lr, hr, opts, scan_id)
+    if known_motion is None:
+        _cv2()
+        reg = register(lr, hr, opts, scan_id)
+    else:
+        reg = registration_from_motion(lr, hr, opts, scan_id, *known_motion)
     reg_json = reg.to_json()
     log.info("%s: registered (angle %.3f deg, shift %s HR px, Z offset %d, NCC %.3f); cutting "
              "patches", scan_id, reg_json["angle_deg"], reg_json["shift_hr_px"], reg.z_offset,

@@ -8,6 +8,7 @@ offset, blurred, with noise.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -468,3 +469,44 @@ def test_refine_per_slice_follows_a_drift():
     worst, refined = max(errs[False]), np.median(errs[True])
     print(f"drift: scan-level worst {worst:.2f} LR px, per-slice median {refined:.2f} LR px")
     assert worst > 0.4 and refined < 0.25 and max(errs[True]) < worst
+
+
+def test_rigid_from_motion_inverts_motion_of():
+    from microct_sr.pairing import motion_of, rigid_from_motion
+
+    for angle, shift, shape in [(7.5, (12.0, -30.5), (256, 320)), (-170.0, (0.0, 4.0), (64, 64))]:
+        rigid = rigid_from_motion(angle, shift, 8, shape)
+        back_angle, back_shift = motion_of(rigid, shape)
+        assert back_angle == pytest.approx(angle)
+        assert np.allclose(back_shift, shift)
+
+
+def test_motion_from_simulation_json_cuts_aligned_patches(run_cli, tmp_path):
+    """A blurred simulated scan (smoothing 1 LR px) paired with simulate's own truth."""
+    from microct_sr.phantom import make_phantom
+
+    hr, _ = make_phantom((24, 192, 192), seed=5)
+    hr_path = _write_tif(tmp_path / "hr.tif", hr, 10.0)
+    lr_path = tmp_path / "lr"
+    sim = run_cli("simulate", hr_path, lr_path, "--rotation", "6", "--shift-um", "40", "-24",
+                  "--smoothing", "1", "--seed", "1", "--quiet")
+    assert sim.exit_code == 0, sim.stderr
+    truth = json.loads((lr_path / "simulation.json").read_text())
+    wrong = tmp_path / "wrong.json"  # the same motion off by 3 LR pixels
+    wrong.write_text(json.dumps({**truth, "shift_um": [280.0, -24.0]}))
+    medians = {}
+    for name, motion in (("truth", lr_path / "simulation.json"), ("wrong", wrong)):
+        res = run_cli("pair", lr_path, hr_path, tmp_path / name, "--lr-patch", "8", "--min-ncc",
+                      "-1", "--motion-from", motion, "--json", "--quiet")
+        assert res.exit_code == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert out["registration"]["method"] == "known-motion" and out["patches"] > 0
+        medians[name] = out["median_ncc"]
+        if name == "truth":
+            assert out["registration"]["angle_deg"] == pytest.approx(6.0)
+            assert out["registration"]["shift_um"] == pytest.approx([40.0, -24.0], abs=1e-3)
+    assert medians["truth"] > medians["wrong"] + 0.2, medians
+    bad = run_cli("pair", lr_path, hr_path, tmp_path / "out2", "--motion-from",
+                  tmp_path / "missing.json")
+    assert bad.exit_code == 2 and "missing.json" in bad.stderr
+    assert not (tmp_path / "out2").exists()

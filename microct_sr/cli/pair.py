@@ -62,6 +62,9 @@ def default_scan_id(lr_path: str) -> str:
 @click.option("--refine-per-slice", is_flag=True,
               help="Polish the scan's transform on each LR slice by NCC (within 1.5 LR px) before "
                    "cutting its patches, for scans that drift; reads every HR slice.")
+@click.option("--motion-from", "motion_from", type=click.Path(dir_okay=False), default=None,
+              help="Skip the registration and use the motion recorded in this simulation.json "
+                   "(`microct-sr simulate`): for simulated scans too blurred for A-KAZE.")
 @click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 256),
               help="Worker threads.")
 @click.option("--seed", default=0, show_default=True, type=int, help="RANSAC seed.")
@@ -71,20 +74,21 @@ def default_scan_id(lr_path: str) -> str:
 def command(lr: str, hr: str, out_dir: str, factor: int, lr_patch: int, method: str,
             z_search: int, min_ncc: float, max_patches_per_slice: int, n_slices: int,
             scan_id: str | None, qc_png: bool, lr_spacing_um, hr_spacing_um,
-            refine_per_slice: bool, jobs: int,
+            refine_per_slice: bool, motion_from: str | None, jobs: int,
             seed: int, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Register LR to HR (rotation about Z, in-plane shift, Z offset) and cut LR/HR patch pairs
     into OUT_DIR (lr/, hr/, pairs.csv, registration.json). See docs/pair.md."""
-    from ..pairing import pair_scans
+    from ..pairing import pair_scans, read_simulated_motion
     from ..volume import open_volume
 
     sid = scan_id if scan_id is not None else default_scan_id(lr)
+    known_motion = read_simulated_motion(motion_from) if motion_from else None
     with open_volume(lr, lr_spacing_um) as lv, open_volume(hr, hr_spacing_um) as hv:
         res = pair_scans(lv, hv, out_dir, scan_id=sid, overwrite=overwrite, factor=factor,
                          lr_patch=lr_patch, method=method, z_search=z_search, min_ncc=min_ncc,
                          max_patches_per_slice=max_patches_per_slice, n_slices=n_slices,
                          qc_png=qc_png, refine_per_slice=refine_per_slice, jobs=jobs,
-                         seed=seed, quiet=quiet)
+                         seed=seed, quiet=quiet, known_motion=known_motion)
     reg = res["registration"]
     if as_json:
         emit_json(res)

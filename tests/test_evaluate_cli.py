@@ -216,7 +216,7 @@ def test_missing_pyiqa_when_asked_by_name_exits_2(run_cli, data, monkeypatch):
 
 
 def test_large_volumes_get_morphometry_on_a_central_window(run_cli, data, monkeypatch):
-    import microct_sr.metrics as metrics
+    from microct_sr.metrics import evaluate as metrics
 
     d, hr, f = data
     monkeypatch.setattr(metrics, "MORPH_MAX_VOXELS", 4 * 64 * 64)

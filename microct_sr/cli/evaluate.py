@@ -96,7 +96,7 @@ def command(paths, hr, srs, lr, bicubic, metrics, crop_border, slices, perceptua
     Single form:      microct-sr evaluate SR HR
     Comparison form:  microct-sr evaluate --hr HR --sr NAME=PATH ... [--bicubic --lr LR]
     """
-    from ..metrics import EvalOptions, evaluate_files, parse_metrics, parse_slices
+    from ..metrics.evaluate import EvalOptions, evaluate_files, parse_metrics, parse_slices
     from ..metrics import report
 
     hr_path, methods, comparison = _methods(paths, hr, srs, lr, bicubic, label)

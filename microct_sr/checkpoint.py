@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
+from .atomic import atomic_write
 from .errors import UserError
 from .models import ModelConfig, build_model
 
@@ -76,17 +76,13 @@ def save_model(path: str | Path, model: nn.Module, config: ModelConfig, *, inten
             raise ValueError(f"extra key {key!r} would overwrite a checkpoint field")
         ckpt[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,6 +25,7 @@ import tifffile
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .atomic import atomic_write
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -143,10 +143,8 @@ def load_split(path: str | Path, scan_ids: Sequence[str] | None = None) -> dict[
 
 def save_split(split: dict, path: str | Path) -> None:
     """Write the split as JSON atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(split, indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(split, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def augment_pair(lr: np.ndarray, hr: np.ndarray, code: int) -> tuple[np.ndarray, np.ndarray]:

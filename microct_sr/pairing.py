@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -935,9 +936,7 @@ def scan_exists(out_dir: Path, scan_id: str) -> bool:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".microct-sr-tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _commit(out_dir: Path, tmp: Path, scan_id: str, rows: list[dict], reg: dict,

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
+
+from ..atomic import atomic_write
 
 CSV_COLUMNS = ("label", "sr_slice", "hr_slice_start", "hr_slice_stop", "psnr", "ssim", "niqe",
                "ma", "pi")
@@ -56,21 +56,6 @@ def format_report(results: Sequence[Any]) -> str:
                 seen.add(note)
                 out.append(f"- {note}")
     return "\n".join(out) + "\n"
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_text(path: str | Path, text: str) -> Path:

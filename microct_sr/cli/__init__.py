@@ -49,8 +49,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the group and map errors to exit codes."""
     # OpenMP threads that spin while waiting made torch 5x slower when anything else ran on
-    # the CPU (two scans upscaled side by side in a shell loop); passive waiting costs nothing
-    # measurable on an idle machine (docs/performance.md). Must be set before torch loads.
+    # the CPU (two scans upscaled side by side: 1.3 vs 7.4 slices/s each); passive waiting
+    # costs ~30% on an idle machine, where OMP_WAIT_POLICY=ACTIVE wins it back
+    # (docs/performance.md). Must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args

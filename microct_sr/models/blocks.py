@@ -141,3 +141,19 @@ def make_upsampler(config) -> nn.Module:
     if config.upsampler == "light":
         return LightUpsampler(config.n_feats, config.scale, config.out_channels)
     raise ValueError(f"unknown upsampler {config.upsampler!r}; choose 'pixelshuffle' or 'light'")
+
+
+class LongSkipSR(nn.Module):
+    """The generators' common layout (RCAN eqs. 1-3): a conv3x3 head, a deep ``body`` with a
+    long skip over it, and the upsampler tail. Subclasses only build the body."""
+
+    def __init__(self, config, body: nn.Module):
+        super().__init__()
+        self.config = config
+        self.head = conv3x3(config.in_channels, config.n_feats)
+        self.body = body
+        self.tail = make_upsampler(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shallow = self.head(x)
+        return self.tail(shallow + self.body(shallow))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import conv3x3, make_upsampler
+from .blocks import LongSkipSR, conv3x3
 
 
 class ResBlock(nn.Module):
@@ -26,18 +26,10 @@ class ResBlock(nn.Module):
         return x + self.res_scale * self.conv2(torch.relu(self.conv1(x)))
 
 
-class EDSR(nn.Module):
+class EDSR(LongSkipSR):
     """(N, 1, h, w) in [0, 1] -> (N, 1, 8h, 8w)."""
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
         c = config.n_feats
-        self.head = conv3x3(config.in_channels, c)
         blocks = [ResBlock(c, config.res_scale) for _ in range(config.n_resblocks)]
-        self.body = nn.Sequential(*blocks, conv3x3(c, c))
-        self.tail = make_upsampler(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.head(x)
-        return self.tail(f + self.body(f))
+        super().__init__(config, nn.Sequential(*blocks, conv3x3(c, c)))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import RCAB, Res2Block, ResidualGroup, conv3x3, make_upsampler
+from .blocks import RCAB, LongSkipSR, Res2Block, ResidualGroup
 
 
 def rcab_group(channels: int, n_blocks: int, reduction: int) -> ResidualGroup:
@@ -58,14 +58,11 @@ def body_layout(config) -> list[str]:
     return layout
 
 
-class R2RCAN(nn.Module):
+class R2RCAN(LongSkipSR):
     """R2-RCAN: (N, in_channels, h, w) in [0, 1] -> (N, out_channels, scale*h, scale*w)."""
 
     def __init__(self, config):
-        super().__init__()
         c = config.n_feats
-        self.config = config
-        self.head = conv3x3(config.in_channels, c)
         groups = []
         for kind in body_layout(config):
             if kind == "rcab":
@@ -73,13 +70,7 @@ class R2RCAN(nn.Module):
             else:
                 groups.append(res2_group(c, config.n_res2_blocks, config.res2_scales,
                                          config.reduction))
-        self.body = nn.Sequential(*groups)
-        self.tail = make_upsampler(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shallow = self.head(x)
-        deep = self.body(shallow) + shallow  # long skip over the body
-        return self.tail(deep)
+        super().__init__(config, nn.Sequential(*groups))  # long skip over the body
 
 
 def cost_summary(config, lr_hw: tuple[int, int] = (160, 160)) -> dict:

@@ -7,25 +7,16 @@ with a conv3x3 and a short skip, Zhang 2018 eq. 4), a body conv3x3 with the long
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
-from .blocks import RCAB, ResidualGroup, conv3x3, make_upsampler
+from .blocks import RCAB, LongSkipSR, ResidualGroup, conv3x3
 
 
-class RCAN(nn.Module):
+class RCAN(LongSkipSR):
     """(N, 1, h, w) in [0, 1] -> (N, 1, 8h, 8w)."""
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
         c = config.n_feats
-        self.head = conv3x3(config.in_channels, c)
         groups = [ResidualGroup([RCAB(c, config.reduction) for _ in range(config.n_rcabs)], c)
                   for _ in range(config.n_rcab_groups)]
-        self.body = nn.Sequential(*groups, conv3x3(c, c))
-        self.tail = make_upsampler(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.head(x)
-        return self.tail(f + self.body(f))
+        super().__init__(config, nn.Sequential(*groups, conv3x3(c, c)))

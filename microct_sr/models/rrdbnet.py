@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import conv3x3, make_upsampler
+from .blocks import LongSkipSR, conv3x3
 
 
 class DenseBlock(nn.Module):
@@ -42,18 +42,10 @@ class RRDB(nn.Module):
         return x + 0.2 * self.blocks(x)
 
 
-class RRDBNet(nn.Module):
+class RRDBNet(LongSkipSR):
     """(N, 1, h, w) in [0, 1] -> (N, 1, 8h, 8w)."""
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
         c = config.n_feats
-        self.head = conv3x3(config.in_channels, c)
-        self.body = nn.Sequential(*(RRDB(c, config.growth) for _ in range(config.n_rrdb)),
-                                  conv3x3(c, c))
-        self.tail = make_upsampler(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.head(x)
-        return self.tail(f + self.body(f))
+        super().__init__(config, nn.Sequential(
+            *(RRDB(c, config.growth) for _ in range(config.n_rrdb)), conv3x3(c, c)))

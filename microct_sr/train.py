@@ -8,10 +8,14 @@ Layout of RUN_DIR::
     train_log.csv                  iteration, losses, lr, val PSNR, it/s, data-wait fraction
     checkpoints/iter_XXXXXXXX.pt   training state (model file + "train_state")
     model.pt                       the final model file (``upscale --model`` takes it)
+
+With ``ema`` > 0 an exponential moving average of the generator weights (:class:`WeightEMA`)
+is validated and written as the model's weights; the raw weights go into ``train_state``.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import logging
@@ -99,6 +103,7 @@ class TrainConfig:
     test_only_random_vgg: bool = False  # tests only: random VGG19 weights (no CLI option)
     split_file: str | None = None
     window: tuple[float, float] | None = None
+    ema: float = 0.0                    # EMA decay of the generator weights; 0: off
     quiet: bool = False
 
     def resolved(self) -> "TrainConfig":
@@ -120,7 +125,36 @@ class TrainConfig:
         for name in ("iters", "batch_size", "val_every", "save_every", "keep", "lr_step"):
             if getattr(c, name) < 1:
                 raise UserError(f"{name} must be at least 1")
+        if not 0 <= c.ema < 1:
+            raise UserError(f"--ema {c.ema}: the decay must be in [0, 1) (0 turns EMA off; "
+                            "typical 0.999)")
         return c
+
+
+class WeightEMA:
+    """Exponential moving average of a network's parameters (buffers are copied).
+
+    After each optimiser step ``ema = d_t * ema + (1 - d_t) * weights`` with the warm-up of
+    TensorFlow's ``ExponentialMovingAverage(num_updates=t)``: ``d_t = min(decay, (1 + t) /
+    (10 + t))``, t = updates before this one, so the average is not dominated by the initial
+    weights (a random init, or the ``--init`` model) early in a run. It starts as a copy of the
+    network on the same device; the copy stays in eval mode without gradients.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = float(decay), 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, t: int) -> float:
+        return min(self.decay, (1 + t) / (10 + t))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        weight = 1.0 - self.decay_at(self.updates)
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), weight)
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        self.updates += 1
 
 
 @dataclass
@@ -261,7 +295,7 @@ class _Trainer:
         self._setup_data(resume_ckpt)
         self._setup_models(resume_ckpt, init_ckpt)
         if resume_ckpt is not None:
-            self._restore(resume_ckpt["train_state"])
+            self._restore(resume_ckpt["train_state"], resume_ckpt["state_dict"])
         else:
             self.start, self.best = 0, {"psnr": None, "iteration": None}
         self._wrap_ddp()
@@ -288,6 +322,11 @@ class _Trainer:
             if resume_ckpt["train_state"]["stage"] != cfg.stage:
                 raise UserError(f"holds a {resume_ckpt['train_state']['stage']}-stage run, not "
                                 f"{cfg.stage}", path)
+            run_ema = float(resume_ckpt["train_state"]["train_config"].get("ema", 0.0))
+            if run_ema != cfg.ema:
+                raise UserError(f"--resume with --ema {cfg.ema:g}, but the run was started "
+                                f"with --ema {run_ema:g}; resume with --ema {run_ema:g}",
+                                self.run_dir)
             log.info("resuming from %s", path)
         init_ckpt = None
         if cfg.init and resume_ckpt is None:
@@ -337,7 +376,9 @@ class _Trainer:
         if resume_ckpt is not None:
             self.model_config = ModelConfig.from_dict(resume_ckpt["config"])
             self.model = build_model(self.model_config)
-            self.model.load_state_dict(resume_ckpt["state_dict"])
+            # with EMA the file's weights are the average; the raw ones are in train_state
+            self.model.load_state_dict(resume_ckpt["train_state"].get(
+                "model", resume_ckpt["state_dict"]))
         elif init_ckpt is not None:
             self.model_config = ModelConfig.from_dict(init_ckpt["config"])
             if self.model_config.arch != cfg.arch or cfg.model_overrides:
@@ -350,6 +391,7 @@ class _Trainer:
             except (TypeError, ValueError) as e:
                 raise UserError(f"bad model options: {e}") from e
         self.model.to(self.device).train()
+        self.ema = WeightEMA(self.model, cfg.ema) if cfg.ema else None  # after --init/resume
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model %s (%s), %.2f M parameters, device %s, %d process(es)",
                  self.model_config.arch, cfg.preset, n_params / 1e6, self.device, self.d.world)
@@ -395,9 +437,14 @@ class _Trainer:
         if self.disc is not None:
             s.update(discriminator=self.disc.state_dict(), optimizer_d=self.opt_d.state_dict(),
                      scheduler_d=self.sched_d.state_dict())
+        if self.ema is not None:  # the file's state_dict holds the average
+            s.update(model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                     ema={"decay": self.ema.decay, "updates": self.ema.updates})
         return s
 
-    def _restore(self, s: dict) -> None:
+    def _restore(self, s: dict, weights: dict) -> None:
+        """Optimisers, schedulers, scaler, discriminator, EMA (``weights``: the file's
+        state_dict, the average when EMA is on), RNG states, iteration, best."""
         self.opt_g.load_state_dict(s["optimizer_g"])
         self.sched_g.load_state_dict(s["scheduler_g"])
         self.scaler.load_state_dict(s["scaler"])
@@ -405,6 +452,9 @@ class _Trainer:
             self.disc.load_state_dict(s["discriminator"])
             self.opt_d.load_state_dict(s["optimizer_d"])
             self.sched_d.load_state_dict(s["scheduler_d"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(weights)
+            self.ema.updates = int(s["ema"]["updates"])
         _set_rng_state(s["rng"])
         self.start, self.best = int(s["iteration"]), dict(s["best"])
         if self.start >= self.cfg.iters:
@@ -414,12 +464,19 @@ class _Trainer:
     def _provenance(self, iteration: int) -> dict:
         return {"stage": self.cfg.stage, "iterations": iteration, "data": self.cfg.data,
                 "preset": self.cfg.preset, "init": self.cfg.init, "split": self.split,
-                "best_val_psnr": self.best["psnr"], "best_iteration": self.best["iteration"]}
+                "best_val_psnr": self.best["psnr"], "best_iteration": self.best["iteration"],
+                **({"weights": "ema", "ema_decay": self.ema.decay,
+                    "ema_updates": self.ema.updates} if self.ema is not None else {})}
+
+    @property
+    def _eval_model(self) -> nn.Module:
+        """The weights that are validated and written as the model: the EMA when on."""
+        return self.model if self.ema is None else self.ema.module
 
     def _save(self, iteration: int) -> Path:
         """Atomic training checkpoint; prune to the newest ``keep`` plus the best."""
         path = self.run_dir / CKPT_DIR / f"iter_{iteration:08d}.pt"
-        save_model(path, self.model, self.model_config, intensity=self.intensity,
+        save_model(path, self._eval_model, self.model_config, intensity=self.intensity,
                    provenance=self._provenance(iteration),
                    extra={"train_state": self._train_state(iteration)})
         found = _checkpoints(self.run_dir)
@@ -475,28 +532,32 @@ class _Trainer:
                 self.scaler.scale(out["d_loss"]).backward()
                 self.scaler.step(self.opt_d)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)  # the unwrapped module: equal on every DDP rank
         return {k: float(v.detach()) for k, v in out.items()}
 
     # -- validation
     @torch.no_grad()
     def _validate(self) -> tuple[float | None, float | None]:
-        """Mean PSNR (dB) of the model and of bicubic on up to ``val_patches`` val patches."""
+        """Mean PSNR (dB) of the model (its EMA when on) and of bicubic on up to
+        ``val_patches`` val patches."""
         if len(self.val_ds) == 0:
             return None, None
         n = len(self.val_ds)
         idx = np.unique(np.linspace(0, n - 1, min(self.cfg.val_patches, n)).astype(int))
-        self.model.eval()
+        net = self._eval_model
+        net.eval()
         psnrs, bic = [], []
         for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / 16))):
             lr, hr = (torch.stack(t).to(self.device) for t in
                       zip(*(self.val_ds[int(i)] for i in chunk)))
             with self._autocast():
-                sr = self.model(lr)
+                sr = net(lr)
             psnrs.append(_psnr(sr.float().clamp(0, 1), hr))
             up = F.interpolate(lr, scale_factor=self.model_config.scale, mode="bicubic",
                                align_corners=False)
             bic.append(_psnr(up.clamp(0, 1), hr))
-        self.model.train()
+        self.model.train()  # the EMA copy stays in eval mode
         return float(torch.cat(psnrs).mean()), float(torch.cat(bic).mean())
 
     # -- the loop
@@ -578,10 +639,11 @@ class _Trainer:
                    else None,
                    "val_psnr": last_val[0], "bicubic_val_psnr": last_val[1],
                    "best_val_psnr": self.best["psnr"], "best_iteration": self.best["iteration"],
+                   "ema_decay": self.cfg.ema or None,
                    "split": {k: len(v) for k, v in self.split.items()},
                    "intensity": self.intensity}
         if self.d.main:
-            save_model(self.run_dir / MODEL_FILE, self.model, self.model_config,
+            save_model(self.run_dir / MODEL_FILE, self._eval_model, self.model_config,
                        intensity=self.intensity, provenance=self._provenance(it))
             log.info("wrote %s (%d iterations, val PSNR %s dB, bicubic %s dB)",
                      self.run_dir / MODEL_FILE, it, last_val[0], last_val[1])

@@ -95,14 +95,14 @@ def _kill_at(monkeypatch, n_calls: int) -> None:
     monkeypatch.setattr(train_mod._Trainer, "_step", step)
 
 
-@pytest.mark.parametrize("stage", ["psnr", "gan"])
-def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage):
+@pytest.mark.parametrize("stage,ema", [("psnr", 0.0), ("gan", 0.0), ("psnr", 0.9)])
+def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage, ema):
     extra = {}
     if stage == "gan":
         train(_cfg(pairs, tmp_path / "init", arch="rcan", iters=1))
         extra = dict(init=str(tmp_path / "init" / "model.pt"), test_only_random_vgg=True)
     kw = dict(arch="rcan", stage=stage, iters=4, save_every=2, val_every=4, deterministic=True,
-              **extra)
+              ema=ema, **extra)
     train(_cfg(pairs, tmp_path / "straight", **kw))
     with monkeypatch.context() as m:
         _kill_at(m, 3)  # dies in iteration 3, after the checkpoint of iteration 2
@@ -122,6 +122,63 @@ def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage):
     sb = load_checkpoint(tmp_path / "killed" / "model.pt")["state_dict"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+    if ema:  # the EMA (model.pt above) and the raw weights both continue exactly
+        last = Path("checkpoints") / "iter_00000004.pt"
+        ta = load_checkpoint(tmp_path / "straight" / last)["train_state"]
+        tb = load_checkpoint(tmp_path / "killed" / last)["train_state"]
+        assert ta["ema"] == tb["ema"] == {"decay": ema, "updates": 4}
+        for k in ta["model"]:
+            torch.testing.assert_close(ta["model"][k], tb["model"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_weight_ema_recurrence_with_warm_up():
+    net = torch.nn.Linear(3, 2)
+    net.register_buffer("count", torch.zeros(()))
+    ema = train_mod.WeightEMA(net, 0.5)
+    assert [ema.decay_at(t) for t in (0, 1, 8, 100)] == [0.1, 2 / 11, 0.5, 0.5]
+    assert train_mod.WeightEMA(net, 0.999).decay_at(10**6) == 0.999
+    expect = {k: v.double() for k, v in net.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    for t in range(12):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+            net.count += 1
+        ema.update(net)
+        d = min(0.5, (1 + t) / (10 + t))
+        expect = {k: d * expect[k] + (1 - d) * v.double() for k, v in net.named_parameters()}
+        got = dict(ema.module.named_parameters())
+        for k in expect:
+            torch.testing.assert_close(got[k].double(), expect[k], rtol=1e-6, atol=1e-6)
+        assert not torch.equal(got["weight"], net.weight)
+    assert ema.updates == 12 and float(ema.module.count) == 12  # buffers are copied
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_weights_in_checkpoints_and_model_file(pairs, tmp_path):
+    train(_cfg(pairs, tmp_path / "init", arch="srcnn", iters=1))
+    kw = dict(arch="srcnn", iters=3, save_every=1, val_every=1,
+              init=str(tmp_path / "init" / "model.pt"))
+    train(_cfg(pairs, tmp_path / "plain", **kw))
+    s = train(_cfg(pairs, tmp_path / "ema", ema=0.9, **kw))
+    assert s["ema_decay"] == 0.9
+    avg = load_checkpoint(tmp_path / "init" / "model.pt")["state_dict"]  # EMA starts at --init
+    for t in range(3):
+        ckpt = load_checkpoint(tmp_path / "ema" / "checkpoints" / f"iter_{t + 1:08d}.pt")
+        raw, d = ckpt["train_state"]["model"], min(0.9, (1 + t) / (10 + t))
+        avg = {k: d * avg[k] + (1 - d) * raw[k] for k in raw}  # the file holds the average
+        for k in raw:
+            torch.testing.assert_close(ckpt["state_dict"][k], avg[k], rtol=1e-5, atol=1e-6)
+        assert ckpt["train_state"]["ema"] == {"decay": 0.9, "updates": t + 1}
+    assert any(not torch.equal(avg[k], raw[k]) for k in raw)
+    model, final = load_model(tmp_path / "ema" / "model.pt")  # what upscale/evaluate load
+    assert final["provenance"]["weights"] == "ema" and final["provenance"]["ema_decay"] == 0.9
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, avg[k], rtol=1e-5, atol=1e-6)
+    plain = load_checkpoint(tmp_path / "plain" / "model.pt")  # EMA leaves training as it was
+    assert "weights" not in plain["provenance"]
+    for k in raw:
+        torch.testing.assert_close(plain["state_dict"][k], raw[k], rtol=1e-6, atol=1e-7)
 
 
 def test_split_by_scan_is_saved_and_followed(pairs, tmp_path):
@@ -213,6 +270,21 @@ def test_cli_errors(pairs, tmp_path, run_cli, monkeypatch):
     r = run_cli("train", "--stage", "gan", "--data", pairs[0], "--out", tmp_path / "o2",
                 "--vgg-weights", vgg)
     assert r.exit_code == 2 and "--init" in r.stderr
+
+
+def test_cli_resume_with_another_ema_is_refused(pairs, tmp_path, run_cli):
+    args = ["train", "--stage", "psnr", "--data", pairs[0], "--arch", "srcnn", "--preset", "tiny",
+            "--batch-size", "2", "--workers", "0", "--quiet", "--out"]
+    run = tmp_path / "run"
+    r = run_cli(*args, run, "--iters", "1", "--ema", "0.9")
+    assert r.exit_code == 0, r.stderr
+    r = run_cli(*args, run, "--iters", "2", "--resume")
+    assert r.exit_code == 2 and str(run) in r.stderr
+    assert "--ema 0," in r.stderr and "--ema 0.9" in r.stderr
+    r = run_cli(*args, run, "--iters", "2", "--resume", "--ema", "0.9")
+    assert r.exit_code == 0, r.stderr
+    r = run_cli(*args, tmp_path / "bad", "--ema", "1")
+    assert r.exit_code == 2 and "[0, 1)" in r.stderr and not (tmp_path / "bad").exists()
 
 
 def test_cli_runs_and_refuses_to_clobber(pairs, tmp_path, run_cli):

@@ -47,6 +47,10 @@ def _model_options(f):
 @click.option("--init", type=click.Path(), default=None,
               help="Start from this model file (a psnr-stage model for --stage gan, or "
                    "weights/default.pt to fine-tune).")
+@click.option("--ema", "ema", type=float, default=0.0, show_default=True, metavar="DECAY",
+              help="Keep an exponential moving average of the generator weights with this "
+                   "decay (e.g. 0.999, with a warm-up); validation, the best checkpoint and "
+                   "model.pt use it. 0: off.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option("--val-every", type=int, default=None, help="Validation PSNR every N iterations.")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N iterations.")
@@ -65,7 +69,7 @@ def _model_options(f):
               help='JSON {"train": [scan ids], "val": [...], "test": [...]}.')
 @json_option
 @quiet_option
-def command(stage, data, out, arch, preset, iters, batch_size, lr, init, resume, val_every,
+def command(stage, data, out, arch, preset, iters, batch_size, lr, init, ema, resume, val_every,
             save_every, keep, workers, device, amp, seed, deterministic, vgg_weights,
             split_file, as_json, quiet, **model_options) -> None:
     """Train a generator on LR/HR patch pairs (one stage per call)."""
@@ -74,7 +78,7 @@ def command(stage, data, out, arch, preset, iters, batch_size, lr, init, resume,
     overrides = {k: v for k, v in model_options.items() if v is not None}
     config = TrainConfig(
         data=list(data), out=out, stage=stage, arch=arch, preset=preset,
-        model_overrides=overrides, iters=iters, batch_size=batch_size, lr=lr, init=init,
+        model_overrides=overrides, iters=iters, batch_size=batch_size, lr=lr, init=init, ema=ema,
         resume=resume, val_every=val_every, save_every=save_every, keep=keep, workers=workers,
         device=device, amp=amp, seed=seed, deterministic=deterministic,
         vgg_weights=vgg_weights, split_file=split_file, quiet=quiet)

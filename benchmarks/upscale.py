@@ -4,7 +4,9 @@ Measures, in one run on this machine:
 - the conv3x3 64 -> 64 peak (GFLOP/s, best over map sizes and NCHW / channels_last), in the
   parent and again in every child right after its timed run (the machine is shared);
 - for the default CPU model (`small` preset) and the `paper` preset, random weights:
-  slices/s, achieved GFLOP/s (conv MACs x 2 / time) and its ratio to the peak, peak RSS;
+  slices/s, achieved GFLOP/s (the network's conv MACs x 2 / time) and its ratio to the peak,
+  the same for the MACs actually executed (the paper upsampler's fused last stage does fewer,
+  see blocks.PixelShuffleUpsampler), peak RSS; `paper` also with the fusion off;
 - the same model run by two peers implemented minimally here, on the same volume:
   (a) a Real-ESRGAN-style tile loop (one tile per forward, reflect-free zero-context pad of
       ``--re-pad`` LR px, crop, paste) and (b) MONAI `sliding_window_inference` semantics
@@ -159,6 +161,11 @@ def child(spec: dict) -> dict:
     cfg = preset("r2rcan", spec["preset"])
     model = build_model(cfg).eval()
     gflop = 2 * count_macs(model, (SIZE, SIZE))["total"] / 1e9
+    executed = gflop
+    if hasattr(model.tail, "fuse_last"):
+        model.tail.fuse_last = spec.get("fuse_last", True)
+        if model.tail.fuse_last:
+            executed += 2 * model.tail.fused_mac_change((SIZE, SIZE)) / 1e9
     n, method = spec["slices"], spec["method"]
     dev, prec = spec.get("device", "cpu"), spec.get("precision", "fp32")
     lr = make_lr(n)
@@ -202,6 +209,7 @@ def child(spec: dict) -> dict:
             extra = {}
     return {**spec, "seconds": seconds, "slices_per_second": n / seconds,
             "gflop_per_slice": gflop, "gflops": gflop * n / seconds,
+            "executed_gflop_per_slice": executed, "executed_gflops": executed * n / seconds,
             "peak_rss_mib": peak_rss_mib(), "conv_peak_here": conv_peak(2, dev, prec)["peak"],
             **extra}
 
@@ -237,7 +245,8 @@ def run_child(spec: dict, threads: int) -> dict:
     if r.returncode:
         raise RuntimeError(f"child {spec} failed:\n{r.stderr}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    method = res["method"] + (f"/t{res['ours_tile']}" if res.get("ours_tile") else "")
+    method = res["method"] + (f"/t{res['ours_tile']}" if res.get("ours_tile") else "") + \
+        ("/unfused" if res.get("fuse_last") is False else "")
     print(f"  {res['preset']:6s} {method:10s} n={res['slices']:3d} "
           f"{res['slices_per_second']:8.3f} slices/s {res['gflops']:7.1f} GFLOP/s "
           f"peak RSS {res['peak_rss_mib']:7.0f} MiB", file=sys.stderr, flush=True)
@@ -293,6 +302,8 @@ def main() -> None:
         configs.append({**base, "method": "ours", "channels_last": True})
         if name == "small":  # the memory-format decision (NCHW vs channels_last)
             configs.append({**base, "method": "ours", "channels_last": False})
+        else:  # the fused upsampler's last stage against the plain layout
+            configs.append({**base, "method": "ours", "channels_last": True, "fuse_last": False})
         if args.ours_tile:  # whole slices vs tiles for the same work
             configs.append({**base, "method": "ours", "channels_last": True,
                             "ours_tile": args.ours_tile})
@@ -306,8 +317,9 @@ def main() -> None:
     res["runs"] = [summarise(t) for t in timings]
     for r in res["runs"]:
         ours = next(o for o in res["runs"] if o["preset"] == r["preset"]
-                    and o["method"] == "ours" and o["channels_last"] and not o.get("ours_tile"))
-        if r["method"] != "ours":
+                    and o["method"] == "ours" and o["channels_last"] and not o.get("ours_tile")
+                    and o.get("fuse_last", True))
+        if r["method"] != "ours" or r.get("fuse_last") is False:
             r["ours_speedup"] = r["seconds"] / ours["seconds"]
             r["ours_speedup_median"] = r["seconds_median"] / ours["seconds_median"]
     runs = res["runs"]
@@ -324,6 +336,7 @@ def main() -> None:
     for r in runs_all:
         r["peak_fraction"] = r["gflops"] / res["machine_conv_peak"]
         r["local_peak_fraction"] = r["gflops"] / r["conv_peak_here"]
+        r["executed_peak_fraction"] = r["executed_gflops"] / res["machine_conv_peak"]
     res["loadavg_end"] = os.getloadavg()
     print(json.dumps(res, indent=2))
     if args.json:

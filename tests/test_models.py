@@ -15,6 +15,7 @@ from microct_sr.models.blocks import (
     Res2Block,
     ResidualGroup,
     make_upsampler,
+    subpixel_conv3x3,
 )
 from microct_sr.models.r2rcan import R2RCAN, body_layout, cost_summary
 
@@ -173,3 +174,64 @@ def test_training_backward_through_inplace_relus():
     model = build_model(preset("r2rcan", "tiny"))
     model(torch.rand(2, 1, 6, 6)).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---- inference fusions: same function, less work --------------------------------------------
+
+@pytest.mark.parametrize("r,c,o,bias", [(2, 3, 1, True), (2, 2, 3, False), (3, 2, 2, True)])
+def test_subpixel_conv3x3_equals_conv_after_pixel_shuffle(r, c, o, bias):
+    g = torch.Generator().manual_seed(r * 10 + o)
+    x = torch.randn(2, c * r * r, 5, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(o, c, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(o, generator=g, dtype=torch.float64) if bias else None
+    ref = nn.functional.conv2d(nn.functional.pixel_shuffle(x, r), w, b, padding=1)
+    got = subpixel_conv3x3(x, w, b, r)
+    assert got.shape == ref.shape == (2, o, 5 * r, 7 * r)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)  # borders included
+
+
+def _paper_tail(seed: int = 0) -> PixelShuffleUpsampler:
+    torch.manual_seed(seed)
+    return PixelShuffleUpsampler(8, 8, 1).double()
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_fused_upsampler_equals_the_plain_layout_in_values_and_gradients(fmt):
+    tail = _paper_tail().to(memory_format=fmt)
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64).contiguous(memory_format=fmt)
+    results = {}
+    for fused in (True, False):
+        tail.fuse_last = fused
+        tail.zero_grad()
+        y = tail(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results[fused] = (y.detach(), [p.grad.clone() for p in tail.parameters()])
+    assert results[True][0].shape == (2, 1, 48, 40)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=1e-12)
+    for g_fused, g_plain in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(g_fused, g_plain, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_upsampler_under_fp16_autocast_stays_close_to_fp32():
+    tail = _paper_tail(1).float()
+    x = torch.randn(1, 8, 6, 6)
+    ref = tail(x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = tail(x)
+    assert half.dtype == torch.float16  # really computed in half precision
+    err = (half.float() - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 5e-3
+
+
+def test_mac_count_is_the_plain_layouts_and_the_fusion_saving_is_stated(paper):
+    assert paper.tail.fuse_last
+    macs = count_macs(paper, (160, 160))["tail"]
+    paper.tail.fuse_last = False
+    try:
+        assert count_macs(paper, (160, 160))["tail"] == macs
+    finally:
+        paper.tail.fuse_last = True
+    last_up = 640 * 640 * 9 * 64 * 256
+    final = 1280 * 1280 * 9 * 64 * 1
+    fused = 640 * 640 * 9 * 64 * 16
+    assert paper.tail.fused_mac_change((160, 160)) == fused - last_up - final

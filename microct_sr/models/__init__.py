@@ -119,7 +119,9 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 def count_macs(model: nn.Module, lr_hw: tuple[int, int], in_channels: int = 1) -> dict[str, int]:
     """Multiply-accumulates of every conv for one (1, in_channels, h, w) input, by top-level
-    child name plus ``"total"``. Runs one forward on the meta device (no memory, no time)."""
+    child name plus ``"total"``: the network as specified (fused inference paths such as
+    ``PixelShuffleUpsampler.fuse_last`` are counted unfused). Runs one forward on the meta
+    device (no memory, no time)."""
     import copy
 
     if all(p.is_meta for p in model.parameters()):
@@ -139,9 +141,16 @@ def count_macs(model: nn.Module, lr_hw: tuple[int, int], in_channels: int = 1) -
 
     handles = [m.register_forward_hook(hook(top)) for top, child in meta.named_children()
                for m in child.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        meta(torch.empty(1, in_channels, *lr_hw, device="meta"))
-    for h in handles:
-        h.remove()
+    fused = [m for m in meta.modules() if getattr(m, "fuse_last", False)]
+    for m in fused:
+        m.fuse_last = False
+    try:
+        with torch.no_grad():
+            meta(torch.empty(1, in_channels, *lr_hw, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+        for m in fused:
+            m.fuse_last = True
     macs["total"] = sum(macs.values())
     return macs

@@ -101,6 +101,7 @@ class TrainConfig:
     deterministic: bool = False
     vgg_weights: str | None = None
     test_only_random_vgg: bool = False  # tests only: random VGG19 weights (no CLI option)
+    test_only_cpu_amp: bool = False     # tests only: the CUDA fp16 AMP path on the CPU (slow)
     split_file: str | None = None
     window: tuple[float, float] | None = None
     ema: float = 0.0                    # EMA decay of the generator weights; 0: off
@@ -410,13 +411,17 @@ class _Trainer:
         self._setup_amp()
 
     def _setup_amp(self) -> None:
-        cuda = self.device.type == "cuda"
-        if self.cfg.amp and not cuda:
+        """Autocast on CUDA (bf16 where supported, else fp16 with a GradScaler); float32
+        elsewhere. ``test_only_cpu_amp`` runs the fp16 path on the CPU: the same autocast and
+        GradScaler calls with the CPU's device type (real fp16 numerics, about 10x slower)."""
+        dev = self.device.type
+        amp_device = dev == "cuda" or (dev == "cpu" and self.cfg.test_only_cpu_amp)
+        if self.cfg.amp and not amp_device:
             log.warning("AMP runs on CUDA only; training in float32 on %s", self.device)
-        self.amp = cuda and self.cfg.amp is not False
-        self.amp_dtype = (torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported()
-                          else torch.float16)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp
+        self.amp = amp_device and self.cfg.amp is not False
+        self.amp_dtype = (torch.bfloat16 if self.amp and dev == "cuda"
+                          and torch.cuda.is_bf16_supported() else torch.float16)
+        self.scaler = torch.amp.GradScaler(dev, enabled=self.amp
                                            and self.amp_dtype == torch.float16)
 
     def _wrap_ddp(self) -> None:
@@ -447,7 +452,8 @@ class _Trainer:
         state_dict, the average when EMA is on), RNG states, iteration, best."""
         self.opt_g.load_state_dict(s["optimizer_g"])
         self.sched_g.load_state_dict(s["scheduler_g"])
-        self.scaler.load_state_dict(s["scaler"])
+        if s["scaler"]:  # empty when the run trained without a scaler: a fresh one then
+            self.scaler.load_state_dict(s["scaler"])
         if self.disc is not None:
             self.disc.load_state_dict(s["discriminator"])
             self.opt_d.load_state_dict(s["optimizer_d"])
@@ -498,7 +504,11 @@ class _Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
     def _step(self, lr: torch.Tensor, hr: torch.Tensor) -> dict | None:
-        """One optimisation step; None when a loss is not finite (the step is skipped)."""
+        """One optimisation step; None when a loss is not finite (the step is skipped).
+
+        With fp16 AMP, gradients that overflow fp16 under a finite loss are the GradScaler's
+        business, not a skipped step here: it skips the optimiser step and halves its scale.
+        """
         cfg = self.cfg
         with self._autocast():
             sr = self.g_net(lr)

@@ -95,12 +95,30 @@ def _kill_at(monkeypatch, n_calls: int) -> None:
     monkeypatch.setattr(train_mod._Trainer, "_step", step)
 
 
-@pytest.mark.parametrize("stage,ema", [("psnr", 0.0), ("gan", 0.0), ("psnr", 0.9)])
-def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage, ema):
+def _scaler(monkeypatch, **kw) -> None:
+    """Start the GradScaler of the next runs with ``kw`` (e.g. a huge init_scale)."""
+    real = train_mod._Trainer._setup_amp
+
+    def setup(self):
+        real(self)
+        assert self.scaler.is_enabled()
+        self.scaler = torch.amp.GradScaler(self.device.type, **kw)
+
+    monkeypatch.setattr(train_mod._Trainer, "_setup_amp", setup)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+@pytest.mark.parametrize("stage,ema,amp", [("psnr", 0.0, False), ("gan", 0.0, False),
+                                           ("psnr", 0.9, False), ("psnr", 0.0, True)])
+def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage, ema, amp):
     extra = {}
     if stage == "gan":
         train(_cfg(pairs, tmp_path / "init", arch="rcan", iters=1))
         extra = dict(init=str(tmp_path / "init" / "model.pt"), test_only_random_vgg=True)
+    if amp:  # CPU fp16 AMP with a scale that grows 4x a step until fp16 overflows (the step
+        # is skipped, the scale halves): the resumed run must go on with the saved scale
+        _scaler(monkeypatch, init_scale=2.0**17, growth_factor=4.0, growth_interval=1)
+        extra = dict(test_only_cpu_amp=True)
     kw = dict(arch="rcan", stage=stage, iters=4, save_every=2, val_every=4, deterministic=True,
               ema=ema, **extra)
     train(_cfg(pairs, tmp_path / "straight", **kw))
@@ -122,10 +140,14 @@ def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage, em
     sb = load_checkpoint(tmp_path / "killed" / "model.pt")["state_dict"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+    last = Path("checkpoints") / "iter_00000004.pt"
+    ta = load_checkpoint(tmp_path / "straight" / last)["train_state"]
+    tb = load_checkpoint(tmp_path / "killed" / last)["train_state"]
+    assert ta["scaler"] == tb["scaler"] and bool(ta["scaler"]) == amp
+    if amp:  # x4 or x1/2 a step: the scale saved at iteration 2 is not the initial one
+        mid = load_checkpoint(tmp_path / "killed" / "checkpoints" / "iter_00000002.pt")
+        assert mid["train_state"]["scaler"]["scale"] != 2.0**17
     if ema:  # the EMA (model.pt above) and the raw weights both continue exactly
-        last = Path("checkpoints") / "iter_00000004.pt"
-        ta = load_checkpoint(tmp_path / "straight" / last)["train_state"]
-        tb = load_checkpoint(tmp_path / "killed" / last)["train_state"]
         assert ta["ema"] == tb["ema"] == {"decay": ema, "updates": 4}
         for k in ta["model"]:
             torch.testing.assert_close(ta["model"][k], tb["model"][k], rtol=1e-5, atol=1e-6)
@@ -233,9 +255,98 @@ def test_cpu_threads_leave_cores_to_workers(pairs, tmp_path, monkeypatch, caplog
     assert torch.get_num_threads() == 2  # restored after the run
 
 
+def _run_recording_dtypes(cfg: TrainConfig) -> tuple[dict, dict[str, set]]:
+    """Train like ``train`` does; also return the output dtypes of the first conv of the
+    generator, discriminator and VGG19 (those that exist)."""
+    trainer = train_mod._Trainer(cfg.resolved(), train_mod._Dist())
+    dtypes: dict[str, set] = {}
+    for name in ("model", "disc", "perceptual"):
+        net = getattr(trainer, name)
+        if net is not None:
+            conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+            seen = dtypes.setdefault(name, set())
+            conv.register_forward_hook(lambda mod, args, out, seen=seen: seen.add(out.dtype))
+    return trainer.run(), dtypes
+
+
 def test_amp_is_cuda_only(pairs, tmp_path, caplog):
-    s = train(_cfg(pairs, tmp_path / "amp", arch="srcnn", iters=1, amp=True, device="cpu"))
+    """Production: --amp on the CPU warns and trains in float32 without a GradScaler."""
+    s, dtypes = _run_recording_dtypes(_cfg(pairs, tmp_path / "amp", arch="srcnn", iters=1,
+                                           amp=True, device="cpu"))
     assert s["iterations"] == 1 and "CUDA only" in caplog.text
+    assert dtypes == {"model": {torch.float32}}
+    ckpt = load_checkpoint(tmp_path / "amp" / "checkpoints" / "iter_00000001.pt")
+    assert ckpt["train_state"]["scaler"] == {}
+
+
+def test_cpu_fp16_amp_trains_both_stages(pairs, tmp_path, caplog):
+    """The CUDA fp16 path (autocast + GradScaler) with real fp16 numerics on the CPU."""
+    s, dtypes = _run_recording_dtypes(_cfg(pairs, tmp_path / "psnr", arch="rcan", iters=3,
+                                           val_every=3, test_only_cpu_amp=True))
+    assert "CUDA only" not in caplog.text
+    assert dtypes == {"model": {torch.float16}}  # training and validation forwards
+    g, gan_dtypes = _run_recording_dtypes(_cfg(
+        pairs, tmp_path / "gan", stage="gan", iters=2, val_every=2, test_only_cpu_amp=True,
+        init=str(tmp_path / "psnr" / "model.pt"), test_only_random_vgg=True))
+    assert gan_dtypes == {k: {torch.float16} for k in ("model", "disc", "perceptual")}
+    for stage, iters, summary in (("psnr", 3, s), ("gan", 2, g)):
+        run = tmp_path / stage
+        assert summary["iterations"] == iters and np.isfinite(summary["val_psnr"])
+        for r in _log(run):
+            assert int(r["skipped"]) == 0
+            for k in ("loss", "l1", "gan", "percep", "d_loss"):
+                if k in ("loss", "l1") or stage == "gan":
+                    assert np.isfinite(float(r[k])), (stage, k, r)
+        ckpt = load_checkpoint(run / "checkpoints" / f"iter_{iters:08d}.pt")
+        scaler = ckpt["train_state"]["scaler"]
+        assert scaler["scale"] > 0 and scaler["_growth_tracker"] == iters  # no overflow
+        assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values()
+                   if v.is_floating_point())  # fp32 master weights
+        _check_model_file(run, stage, iters)  # loads with load_model, finite fp32 output
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_cpu_fp16_overflow_skips_the_step_and_halves_the_scale(pairs, tmp_path, monkeypatch):
+    """Scaled gradients that overflow fp16 (finite loss): the GradScaler skips the optimiser
+    step and halves its scale; that is neither a skipped step in the log nor divergence."""
+    # L1's gradient is +-scale/N at each of the N = 2 * 32 * 32 = 2**11 output pixels: at a
+    # scale of 2**27 it is 2**16 > 65504, the fp16 maximum, in the last conv's fp16 output
+    _scaler(monkeypatch, init_scale=2.0**27)
+    kw = dict(arch="srcnn", iters=16, save_every=1, keep=16, val_every=16, max_bad_steps=1,
+              test_only_cpu_amp=True)
+    before = train_mod._Trainer(_cfg(pairs, tmp_path / "init", **kw).resolved(),
+                                train_mod._Dist()).model.state_dict()  # the seeded init
+    train(_cfg(pairs, tmp_path / "run", **kw))  # max_bad_steps=1: no NaN-loss skip at all
+    rows = _log(tmp_path / "run")
+    assert [int(r["skipped"]) for r in rows] == [0] * 16
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    scale, overflows = 2.0**27, 0
+    for t in range(1, 17):
+        state = load_checkpoint(tmp_path / "run" / "checkpoints" / f"iter_{t:08d}.pt")
+        weights, new_scale = state["state_dict"], state["train_state"]["scaler"]["scale"]
+        same = all(torch.equal(weights[k], before[k]) for k in weights)
+        if new_scale < scale:  # an fp16 overflow: step skipped, scale halved, weights kept
+            assert new_scale == scale / 2 and same, t
+            overflows += 1
+        else:  # a real step (growth_interval 2000: the scale stays)
+            assert new_scale == scale and not same, t
+        adam = state["train_state"]["optimizer_g"]["state"]  # Adam never saw skipped steps
+        assert {int(v["step"]) for v in adam.values()} == ({t - overflows} if t > overflows
+                                                            else set()), t
+        scale, before = new_scale, weights
+    assert overflows >= 1 and overflows < 16  # it overflowed, then recovered and trained
+
+
+def test_resume_turns_the_grad_scaler_on_and_off(pairs, tmp_path):
+    """A float32 run resumed with fp16 AMP starts a fresh GradScaler (its saved state is
+    empty); an AMP run resumed in float32 ignores the saved scaler state."""
+    kw = dict(arch="srcnn", save_every=1)
+    train(_cfg(pairs, tmp_path / "r", iters=1, **kw))
+    train(_cfg(pairs, tmp_path / "r", iters=2, resume=True, test_only_cpu_amp=True, **kw))
+    train(_cfg(pairs, tmp_path / "r", iters=3, resume=True, **kw))
+    scalers = [load_checkpoint(tmp_path / "r" / "checkpoints" / f"iter_{t:08d}.pt")[
+        "train_state"]["scaler"] for t in (1, 2, 3)]
+    assert scalers[0] == scalers[2] == {} and scalers[1]["_growth_tracker"] == 1
 
 
 def test_keeps_newest_and_best(pairs, tmp_path):

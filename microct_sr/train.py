@@ -24,6 +24,7 @@ import os
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -601,9 +602,14 @@ class _Trainer:
                     raise _NonFiniteLossError(self._diverged_message(it, bad))
             else:
                 bad = 0
-            self.sched_g.step()
-            if self.sched_d is not None:
-                self.sched_d.step()
+            with warnings.catch_warnings():
+                # a step the fp16 GradScaler skipped (overflow, common on the first iterations)
+                # still advances the schedule, on purpose; torch would warn about it
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step",
+                                        UserWarning)
+                self.sched_g.step()
+                if self.sched_d is not None:
+                    self.sched_d.step()
             t_done = time.perf_counter()
             wait_total += t_got - t_fetch
             window.add(losses, t_got - t_fetch, t_done - t_fetch)

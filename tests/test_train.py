@@ -107,7 +107,7 @@ def _scaler(monkeypatch, **kw) -> None:
     monkeypatch.setattr(train_mod._Trainer, "_setup_amp", setup)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+@pytest.mark.filterwarnings("error:Detected call of `lr_scheduler.step")
 @pytest.mark.parametrize("stage,ema,amp", [("psnr", 0.0, False), ("gan", 0.0, False),
                                            ("psnr", 0.9, False), ("psnr", 0.0, True)])
 def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage, ema, amp):
@@ -305,7 +305,7 @@ def test_cpu_fp16_amp_trains_both_stages(pairs, tmp_path, caplog):
         _check_model_file(run, stage, iters)  # loads with load_model, finite fp32 output
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+@pytest.mark.filterwarnings("error:Detected call of `lr_scheduler.step")
 def test_cpu_fp16_overflow_skips_the_step_and_halves_the_scale(pairs, tmp_path, monkeypatch):
     """Scaled gradients that overflow fp16 (finite loss): the GradScaler skips the optimiser
     step and halves its scale; that is neither a skipped step in the log nor divergence."""

@@ -38,6 +38,12 @@ def l1_loss(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(sr, hr)
 
 
+def mse_loss(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """Mean squared error: the PSNR-optimal pixel loss (its minimiser is the conditional mean).
+    L1's is the conditional median, which loses PSNR where the LR leaves the HR uncertain."""
+    return F.mse_loss(sr, hr)
+
+
 def ragan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Discriminator loss, Eq. 5: -E[log D_Ra(x_r, x_f)] - E[log(1 - D_Ra(x_f, x_r))] with
     D_Ra(a, b) = sigmoid(C(a) - E[C(b)]); E over the batch and (U-Net) pixels."""

@@ -39,7 +39,7 @@ from .checkpoint import load_checkpoint, load_model, save_model
 from .data import (SPLIT_FILE, IterationBatchSampler, PatchDataset, estimate_window, load_split,
                    make_split, read_pairs, save_split)
 from .errors import UserError
-from .losses import (VGGPerceptualLoss, l1_loss, ragan_d_loss, ragan_g_loss,
+from .losses import (VGGPerceptualLoss, l1_loss, mse_loss, ragan_d_loss, ragan_g_loss,
                      resolve_vgg_weights)
 from .models import ARCHS, ModelConfig, build_model, preset
 from .models.discriminator import UNetDiscriminatorSN
@@ -84,6 +84,7 @@ class TrainConfig:
     lr_gamma: float = 0.5
     betas: tuple[float, float] = (0.9, 0.999)
     w_pix: float = 1.0                  # L = w_pix L1 + w_gan L_G + w_percep L_percep
+    pixel_loss: str = "l1"              # "l1" (the paper) or "mse" in place of L1 above
     w_gan: float = 0.1
     w_percep: float = 0.5
     disc_feats: int | None = None
@@ -127,6 +128,9 @@ class TrainConfig:
         for name in ("iters", "batch_size", "val_every", "save_every", "keep", "lr_step"):
             if getattr(c, name) < 1:
                 raise UserError(f"{name} must be at least 1")
+        if c.pixel_loss not in PIXEL_LOSSES:
+            raise UserError(f"unknown pixel loss {c.pixel_loss!r} "
+                            f"(choose {', '.join(PIXEL_LOSSES)})")
         if not 0 <= c.ema < 1:
             raise UserError(f"--ema {c.ema}: the decay must be in [0, 1) (0 turns EMA off; "
                             "typical 0.999)")
@@ -157,6 +161,9 @@ class WeightEMA:
         for mine, theirs in zip(self.module.buffers(), model.buffers()):
             mine.copy_(theirs)
         self.updates += 1
+
+
+PIXEL_LOSSES = {"l1": l1_loss, "mse": mse_loss}
 
 
 @dataclass
@@ -470,6 +477,7 @@ class _Trainer:
 
     def _provenance(self, iteration: int) -> dict:
         return {"stage": self.cfg.stage, "iterations": iteration, "data": self.cfg.data,
+                "pixel_loss": self.cfg.pixel_loss,
                 "preset": self.cfg.preset, "init": self.cfg.init, "split": self.split,
                 "best_val_psnr": self.best["psnr"], "best_iteration": self.best["iteration"],
                 **({"weights": "ema", "ema_decay": self.ema.decay,
@@ -514,8 +522,9 @@ class _Trainer:
         with self._autocast():
             sr = self.g_net(lr)
         sr = sr.float()
-        l_pix = l1_loss(sr, hr)
-        out = {"l1": l_pix}
+        l1 = l1_loss(sr, hr)  # logged whatever the objective, so runs stay comparable
+        l_pix = l1 if cfg.pixel_loss == "l1" else PIXEL_LOSSES[cfg.pixel_loss](sr, hr)
+        out = {"l1": l1 if l_pix is l1 else l1.detach()}
         total = cfg.w_pix * l_pix
         if self.disc is not None:
             self.disc.requires_grad_(False)

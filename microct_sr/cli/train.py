@@ -47,6 +47,9 @@ def _model_options(f):
 @click.option("--init", type=click.Path(), default=None,
               help="Start from this model file (a psnr-stage model for --stage gan, or "
                    "weights/default.pt to fine-tune).")
+@click.option("--pixel-loss", type=click.Choice(["l1", "mse"]), default="l1", show_default=True,
+              help="Pixel loss: l1 (the paper's) or mse (the PSNR-optimal mean; scores higher "
+                   "PSNR where the LR leaves the HR uncertain, e.g. strongly smoothed scans).")
 @click.option("--ema", "ema", type=float, default=0.0, show_default=True, metavar="DECAY",
               help="Keep an exponential moving average of the generator weights with this "
                    "decay (e.g. 0.999, with a warm-up); validation, the best checkpoint and "
@@ -69,7 +72,8 @@ def _model_options(f):
               help='JSON {"train": [scan ids], "val": [...], "test": [...]}.')
 @json_option
 @quiet_option
-def command(stage, data, out, arch, preset, iters, batch_size, lr, init, ema, resume, val_every,
+def command(stage, data, out, arch, preset, iters, batch_size, lr, init, pixel_loss, ema, resume,
+            val_every,
             save_every, keep, workers, device, amp, seed, deterministic, vgg_weights,
             split_file, as_json, quiet, **model_options) -> None:
     """Train a generator on LR/HR patch pairs (one stage per call)."""
@@ -79,6 +83,7 @@ def command(stage, data, out, arch, preset, iters, batch_size, lr, init, ema, re
     config = TrainConfig(
         data=list(data), out=out, stage=stage, arch=arch, preset=preset,
         model_overrides=overrides, iters=iters, batch_size=batch_size, lr=lr, init=init, ema=ema,
+        pixel_loss=pixel_loss,
         resume=resume, val_every=val_every, save_every=save_every, keep=keep, workers=workers,
         device=device, amp=amp, seed=seed, deterministic=deterministic,
         vgg_weights=vgg_weights, split_file=split_file, quiet=quiet)

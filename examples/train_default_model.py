@@ -6,15 +6,19 @@ Stages (each skips work whose output exists, so the script can be re-run after a
             (`microct-sr phantom --mask`), procedural phantoms (`microct-sr phantom`), with a
             random gray-level window per volume; the real LHDL bone volume is held out for test.
   simulate  one LR scan per (HR volume, scanner setting): training scans draw their setting at
-            random (views, photons, smoothing, filter, motion); held-out scans get the nominal
+            random (views, photons, smoothing, filter, motion; three "first" settings and three
+            from a wider range per volume); held-out scans get the nominal
             setting (225 views, Hamming, smoothing 0.5) plus off-nominal ones, some outside the
             training range, without motion so that `evaluate` compares aligned volumes.
   pair      `microct-sr pair` registers every LR scan to its HR volume and cuts patch pairs.
-  train     `microct-sr train --stage psnr` on the training scans (split by HR volume).
+  train     `microct-sr train --stage psnr` (L1) on the "first" training scans (split by HR
+            volume): the first default model.
+  finetune  the same with `--pixel-loss mse`, initialised from it, on every training scan: the
+            shipped model (weights/MODEL_CARD.md says why).
   evaluate  `microct-sr upscale` + `microct-sr evaluate` against bicubic on every held-out scan.
 
-Usage: python examples/train_default_model.py WORK_DIR [--stages hr,simulate,pair,train,evaluate]
-       [--iters N] [--shared ../shared/data]
+Usage: python examples/train_default_model.py WORK_DIR
+       [--stages hr,simulate,pair,train,finetune,evaluate] [--iters N] [--finetune-iters N]
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ TEST_SETTINGS = {
     "smooth2": {**NOMINAL, "smoothing": 2.0},
     "out_views60": {**NOMINAL, "views": 60},
     "out_smooth3": {**NOMINAL, "smoothing": 3.0},
+    "out_smooth4": {**NOMINAL, "smoothing": 4.0},
     "out_photons1000": {**NOMINAL, "photons": 1000.0},
 }
 VERT_TEST_SETTINGS = ("nominal", "views120", "lowdose", "ramp_nosmooth", "smooth2")
@@ -68,6 +73,22 @@ def random_setting(rng: random.Random) -> dict:
         "photons": float(round(10 ** rng.uniform(np.log10(2000), np.log10(50000)))),
         "smoothing": round(rng.uniform(0.0, 2.2), 2),
         "filter": rng.choice(["hamming", "hamming", "hann", "shepp-logan", "cosine", "ramp"]),
+    }
+
+
+def wide_setting(rng: random.Random) -> dict:
+    """An extra training setting from a wider range (the second model's data): the first default
+    sharpened heavily smoothed scans (Gaussian sigma >= 2 LR px) and under-sharpened unsmoothed
+    ramp-filtered ones, both of which were rare in :func:`random_setting`'s draws."""
+    filt = rng.choice(["hamming", "hann", "shepp-logan", "cosine", "ramp", "ramp"])
+    smooth = rng.uniform(0.0, 3.2)
+    if filt in ("ramp", "shepp-logan") and rng.random() < 0.5:
+        smooth = 0.0
+    return {
+        "views": rng.choice([90, 120, 150, 180, 225, 300, 360, 450, 600]),
+        "photons": float(round(10 ** rng.uniform(np.log10(2000), np.log10(50000)))),
+        "smoothing": round(smooth, 2),
+        "filter": filt,
     }
 
 
@@ -121,9 +142,12 @@ def hr_volumes(work: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
-def simulate_all(work: Path, hrs: dict, n_train_settings: int) -> list[dict]:
-    """Simulate LR scans; returns one record per scan."""
-    rng = random.Random(11)
+def simulate_all(work: Path, hrs: dict, n_train_settings: int,
+                 n_wide_settings: int = 0) -> list[dict]:
+    """Simulate LR scans; returns one record per scan. Training volumes get
+    ``n_train_settings`` draws of :func:`random_setting` then ``n_wide_settings`` of
+    :func:`wide_setting` (separate generators: adding wide ones keeps the first ones)."""
+    rng, rng_wide = random.Random(11), random.Random(12)
     scans = []
     (work / "lr").mkdir(parents=True, exist_ok=True)
     order = {"train": 0, "val": 1, "test": 2}  # training data first
@@ -136,6 +160,7 @@ def simulate_all(work: Path, hrs: dict, n_train_settings: int) -> list[dict]:
             settings = {"nominal": NOMINAL, "rand0": random_setting(rng)}
         else:
             settings = {f"rand{k}": random_setting(rng) for k in range(n_train_settings)}
+            settings.update({f"wide{k}": wide_setting(rng_wide) for k in range(n_wide_settings)})
         for tag, s in settings.items():
             scan_id = f"{name}-{tag}"
             lr = work / "lr" / scan_id
@@ -205,17 +230,28 @@ def pair_all(work: Path, scans: list[dict]) -> None:
     split["test"] = []
     (work / "pair_report.json").write_text(json.dumps(report, indent=2))
     (work / "split.json").write_text(json.dumps(split, indent=2))
+    # the L1 stage trains on the first settings only (the first default model's data)
+    first = {k: [i for i in v if "-wide" not in i] for k, v in split.items()}
+    (work / "split_l1.json").write_text(json.dumps(first, indent=2))
     n_ransac = sum(r["method"] == "ransac" for r in report)
     print(f"pair: {n_ransac} of {len(report)} scans registered by ransac, the rest by known "
           f"motion; {len(kept)} kept", file=sys.stderr)
 
 
-def train(work: Path, iters: int, preset: str) -> Path:
-    run_dir = work / f"run_{preset}"
+def train(work: Path, iters: int, preset: str, *, pixel_loss: str = "l1",
+          init: Path | None = None) -> Path:
+    """The L1 stage (the first default model: from scratch, lr 2e-4, the first settings only)
+    or, with ``init``, the fine-tuning stage (lr 1e-4, every training scan)."""
+    run_dir = work / (f"run_{preset}" if init is None else f"run_{preset}_{pixel_loss}")
+    split = work / ("split_l1.json" if init is None and (work / "split_l1.json").exists()
+                    else "split.json")
     cmd = ["microct-sr", "train", "--stage", "psnr", "--data", str(work / "pairs"),
            "--out", str(run_dir), "--arch", "r2rcan", "--preset", preset, "--iters", str(iters),
-           "--batch-size", "16", "--lr", "2e-4", "--val-every", "250", "--save-every", "250",
-           "--split-file", str(work / "split.json"), "--workers", "1", "--seed", "0", "--json"]
+           "--batch-size", "16", "--lr", "2e-4" if init is None else "1e-4",
+           "--pixel-loss", pixel_loss, "--val-every", "250", "--save-every", "250",
+           "--split-file", str(split), "--workers", "1", "--seed", "0", "--json"]
+    if init is not None:
+        cmd += ["--init", str(init)]
     if (run_dir / "checkpoints").exists() and not (run_dir / "model.pt").exists():
         cmd.append("--resume")
     if not (run_dir / "model.pt").exists():
@@ -298,23 +334,32 @@ def summarize(work: Path, rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path)
-    ap.add_argument("--stages", default="hr,simulate,pair,train,evaluate")
-    ap.add_argument("--iters", type=int, default=20000)
+    ap.add_argument("--stages", default="hr,simulate,pair,train,finetune,evaluate")
+    ap.add_argument("--iters", type=int, default=20000, help="L1 stage iterations")
+    ap.add_argument("--finetune-iters", type=int, default=4000,
+                    help="MSE fine-tuning iterations (on every training scan)")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--train-settings", type=int, default=3)
+    ap.add_argument("--train-settings", type=int, default=3,
+                    help="random scanner settings per training volume")
+    ap.add_argument("--wide-settings", type=int, default=3,
+                    help="extra settings per training volume from the wider range "
+                         "(0: the first default model's data)")
     args = ap.parse_args()
     if not SHARED.exists():
         sys.exit(f"error: {SHARED} is missing: the recipe needs the shared bone volumes")
     stages = args.stages.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
     hrs = hr_volumes(args.work) if "hr" in stages or "simulate" in stages else {}
-    scans = (simulate_all(args.work, hrs, args.train_settings) if "simulate" in stages
+    scans = (simulate_all(args.work, hrs, args.train_settings, args.wide_settings) if "simulate" in stages
              else json.loads((args.work / "scans.json").read_text()))
     if "pair" in stages:
         pair_all(args.work, scans)
     model = args.work / f"run_{args.preset}" / "best.pt"
     if "train" in stages:
         model = train(args.work, args.iters, args.preset)
+    if "finetune" in stages:
+        model = train(args.work, args.finetune_iters, args.preset, pixel_loss="mse",
+                      init=args.work / f"run_{args.preset}" / "best.pt")
     if "evaluate" in stages:
         rows = evaluate(args.work, scans, model)
         print(summarize(args.work, rows))

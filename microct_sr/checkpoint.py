@@ -36,14 +36,30 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "config", "state_dict", "intensity", "provenance")
 
 # The bundled model: weights/default.pt at the repository root (beside the package in an
-# editable or source install). MICROCT_SR_DEFAULT_MODEL overrides it (tests, site installs).
+# editable or source install), which a wheel installs as data under <prefix>/share/microct-sr/
+# (pyproject's data-files). MICROCT_SR_DEFAULT_MODEL overrides both (tests, site installs).
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default.pt"
+SHARE_SUBPATH = Path("share") / "microct-sr" / "weights" / "default.pt"
+
+
+def installed_model_candidates() -> list[Path]:
+    """Where the bundled model may be, in order: the checkout, then the wheel's data
+    directory for this interpreter's prefix and for a ``pip install --user``."""
+    import site
+    import sys
+
+    prefixes = [sys.prefix, getattr(site, "USER_BASE", None) or ""]
+    return [DEFAULT_MODEL] + [Path(p) / SHARE_SUBPATH for p in prefixes if p]
 
 
 def default_model_path() -> Path:
-    """``MICROCT_SR_DEFAULT_MODEL`` if set (read at call time), else :data:`DEFAULT_MODEL`."""
+    """``MICROCT_SR_DEFAULT_MODEL`` if set (read at call time), else the first of
+    :func:`installed_model_candidates` that exists (the checkout's path when none does, so
+    the error message names where the model belongs)."""
     env = os.environ.get("MICROCT_SR_DEFAULT_MODEL")
-    return Path(env) if env else DEFAULT_MODEL
+    if env:
+        return Path(env)
+    return next((p for p in installed_model_candidates() if p.is_file()), DEFAULT_MODEL)
 
 
 def _intensity_dict(intensity: dict) -> dict:

@@ -51,6 +51,24 @@ def test_default_model_path_is_repo_weights(monkeypatch, tmp_path):
     assert checkpoint.default_model_path() == tmp_path / "x.pt"
 
 
+def test_default_model_found_in_a_wheel_install_data_dir(monkeypatch, tmp_path):
+    """A non-editable install has no checkout: the wheel's data file under the prefix counts."""
+    monkeypatch.delenv("MICROCT_SR_DEFAULT_MODEL", raising=False)
+    missing_checkout = tmp_path / "site-packages" / "weights" / "default.pt"
+    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL", missing_checkout)
+    monkeypatch.setattr("sys.prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr("site.USER_BASE", str(tmp_path / "user"))
+    assert checkpoint.default_model_path() == missing_checkout  # nothing anywhere: name it
+    user = tmp_path / "user" / checkpoint.SHARE_SUBPATH
+    user.parent.mkdir(parents=True)
+    user.write_bytes(b"x")
+    assert checkpoint.default_model_path() == user
+    prefix = tmp_path / "venv" / checkpoint.SHARE_SUBPATH
+    prefix.parent.mkdir(parents=True)
+    prefix.write_bytes(b"x")
+    assert checkpoint.default_model_path() == prefix  # the interpreter's prefix first
+
+
 def _expect_user_error(path: Path, match: str) -> None:
     with pytest.raises(UserError, match=match) as e:
         load_model(path)

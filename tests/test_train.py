@@ -423,26 +423,33 @@ def test_cli_runs_and_refuses_to_clobber(pairs, tmp_path, run_cli):
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_match_one(pairs, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_torchrun_two_gloo_processes_match_one(pairs, tmp_path, ema):
     exe = shutil.which("microct-sr")
     if exe is None:
         pytest.skip("the microct-sr console script is not on PATH (package not installed)")
     common = ["--stage", "psnr", "--data", pairs[0], "--data", pairs[1], "--arch", "rcan",
               "--preset", "tiny", "--iters", "3", "--batch-size", "4", "--workers", "0",
-              "--device", "cpu", "--json", "--quiet"]
+              "--device", "cpu", "--ema", str(ema), "--json", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29531", "--no-python", exe, "train", "--out",
+           "--master_port", str(29531 + int(ema * 10)), "--no-python", exe, "train", "--out",
            str(tmp_path / "ddp"), *common]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout)  # exactly one JSON document: only rank 0 reports
     assert summary["processes"] == 2
-    train(_cfg(pairs, tmp_path / "single", arch="rcan", iters=3, batch_size=4, device="cpu"))
-    sa = load_checkpoint(tmp_path / "ddp" / "model.pt")["state_dict"]
-    sb = load_checkpoint(tmp_path / "single" / "model.pt")["state_dict"]
-    for k in sa:  # per-process batch 2 x 2 processes = one process with batch 4
-        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
+    train(_cfg(pairs, tmp_path / "single", arch="rcan", iters=3, batch_size=4, device="cpu",
+               ema=ema))
+    a = load_checkpoint(tmp_path / "ddp" / "model.pt")
+    b = load_checkpoint(tmp_path / "single" / "model.pt")
+    for k in a["state_dict"]:  # per-process batch 2 x 2 processes = one process with batch 4
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-4, atol=1e-6)
+    if ema:  # the average of the unwrapped module, kept alike on both ranks, is what rank 0 wrote
+        assert a["provenance"]["weights"] == "ema" and a["provenance"]["ema_updates"] == 3
+        raw = load_checkpoint(sorted((tmp_path / "ddp" / "checkpoints").glob("*.pt"))[-1])
+        assert any(not torch.equal(raw["train_state"]["model"][k], a["state_dict"][k])
+                   for k in a["state_dict"])
 
 
 @pytest.mark.slow

@@ -129,7 +129,7 @@ def test_float32_tiff_and_unsupported_imagej_dtype(tmp_path, caplog):
 
 def test_bigtiff_ome_above_threshold(tmp_path, monkeypatch, caplog):
     a = _vol(np.uint16)
-    monkeypatch.setattr(volume, "BIGTIFF_THRESHOLD", a.nbytes - 1)
+    monkeypatch.setattr(volume.tiff, "BIGTIFF_THRESHOLD", a.nbytes - 1)
     with caplog.at_level(logging.WARNING):
         p = write_volume(tmp_path / "big.tif", a, SPACING)
     assert "BigTIFF" in caplog.text
@@ -138,7 +138,7 @@ def test_bigtiff_ome_above_threshold(tmp_path, monkeypatch, caplog):
         px = _ome_pixels(tf)
         assert [float(px[f"PhysicalSize{k}"]) for k in "ZYX"] == pytest.approx(SPACING)
         np.testing.assert_array_equal(tf.asarray(), a)
-    monkeypatch.setattr(volume, "BIGTIFF_THRESHOLD", a.nbytes)
+    monkeypatch.setattr(volume.tiff, "BIGTIFF_THRESHOLD", a.nbytes)
     with tifffile.TiffFile(write_volume(tmp_path / "small.tif", a, SPACING)) as tf:
         assert tf.is_imagej and not tf.is_bigtiff
 

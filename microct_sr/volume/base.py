@@ -1,0 +1,121 @@
+"""Shared pieces of the volume package: the ``Spacing`` type, suffix tuples and other constants,
+:func:`to_dtype` and the :class:`Volume` base class. Imports no format module (no cycles)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .. import nrecon
+from ..errors import UserError
+
+Spacing = tuple[float, float, float]
+
+SITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
+SITK_WRITE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
+OME_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.btf")
+IMAGE_SUFFIXES = nrecon.SLICE_EXTENSIONS
+TMP_PREFIX = ".microct-sr-tmp-"
+IMAGEJ_DTYPES = ("uint8", "uint16", "int16", "float32")
+
+
+# --------------------------------------------------------------------------------------------
+# dtype helpers
+# --------------------------------------------------------------------------------------------
+
+def to_dtype(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """``x`` converted to ``dtype``: integers are rounded and clipped to the range (never
+    wrapped), NaN becomes 0; floats are cast."""
+    dtype = np.dtype(dtype)
+    x = np.asarray(x)
+    if x.dtype == dtype:
+        return x
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        if x.dtype.kind == "f":
+            x = np.nan_to_num(np.rint(x), nan=0.0, posinf=info.max, neginf=info.min)
+            return np.clip(x, info.min, info.max).astype(dtype)
+        if x.dtype.kind in "ui":
+            lo, hi = np.iinfo(x.dtype).min, np.iinfo(x.dtype).max
+            if lo >= info.min and hi <= info.max:
+                return x.astype(dtype)
+            return np.clip(x, max(lo, info.min), min(hi, info.max)).astype(dtype)
+        if x.dtype.kind == "b":
+            return x.astype(dtype)
+    return x.astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Volume
+# --------------------------------------------------------------------------------------------
+
+class Volume:
+    """A lazy (z, y, x) volume: metadata up front, slices read on demand."""
+
+    format: str = "unknown"
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any,
+                 spacing_um: Spacing | None, spacing_source: str,
+                 metadata: dict | None = None):
+        self.path = Path(path)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.spacing_um = None if spacing_um is None else tuple(float(s) for s in spacing_um)
+        self.spacing_source = spacing_source if spacing_um is not None else "unknown"
+        self.metadata = metadata or {}
+
+    # subclasses implement _read(z0, z1) -> (z1 - z0, y, x)
+    def _read(self, z0: int, z1: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        """Slices ``z0 <= z < z1`` as a (z1 - z0, y, x) array in the native dtype."""
+        n = self.shape[0]
+        z0, z1 = int(z0), int(z1)
+        if not 0 <= z0 <= z1 <= n:
+            raise IndexError(f"slice range [{z0}, {z1}) outside [0, {n}) of {self.path}")
+        if z0 == z1:
+            return np.empty((0,) + self.shape[1:], self.dtype)
+        out = self._read(z0, z1)
+        if out.shape != (z1 - z0,) + self.shape[1:]:
+            raise UserError(f"slices {z0}..{z1 - 1} have shape {out.shape[1:]}, expected "
+                            f"{self.shape[1:]}", self.path)
+        return out
+
+    def __getitem__(self, z: int | slice) -> np.ndarray:
+        """``vol[z]`` -> one (y, x) slice; ``vol[a:b]`` -> ``read(a, b)`` (step 1 only)."""
+        n = self.shape[0]
+        if isinstance(z, slice):
+            z0, z1, step = z.indices(n)
+            if step != 1:
+                raise IndexError("only contiguous slice ranges can be read")
+            return self.read(z0, max(z0, z1))
+        z = int(z)
+        if z < 0:
+            z += n
+        if not 0 <= z < n:
+            raise IndexError(f"slice {z} outside [0, {n}) of {self.path}")
+        return self.read(z, z + 1)[0]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for z in range(len(self)):
+            yield self[z]
+
+    def close(self) -> None:
+        """Release open files."""
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<Volume {self.format} {self.path} shape={self.shape} dtype={self.dtype} "
+                f"spacing_um={self.spacing_um} ({self.spacing_source})>")

@@ -1,0 +1,250 @@
+"""SimpleITK formats: :class:`SitkVolume` (NIfTI, MHA/MHD, NRRD, single DICOM; loaded whole
+on first read), NIfTI completeness checks, header spacing (mm -> um), DICOM series folders
+(:class:`DicomSeriesVolume`) and :class:`SitkWriter` (buffers the whole volume until
+``close()``)."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .base import Spacing, Volume
+from .writer import VolumeWriter
+
+log = logging.getLogger(__name__)
+
+
+def _sitk_dtype(reader: Any) -> np.dtype:
+    import SimpleITK as sitk
+
+    table = {sitk.sitkUInt8: np.uint8, sitk.sitkInt8: np.int8, sitk.sitkUInt16: np.uint16,
+             sitk.sitkInt16: np.int16, sitk.sitkUInt32: np.uint32, sitk.sitkInt32: np.int32,
+             sitk.sitkUInt64: np.uint64, sitk.sitkInt64: np.int64, sitk.sitkFloat32: np.float32,
+             sitk.sitkFloat64: np.float64}
+    pid = reader.GetPixelID()
+    if pid not in table:
+        raise UserError(f"unsupported pixel type {reader.GetPixelIDTypeAsString()} "
+                        "(expected a scalar grayscale image)", reader.GetFileName())
+    return np.dtype(table[pid])
+
+
+class SitkVolume(Volume):
+    """NIfTI / MHA / MHD / NRRD / single DICOM via SimpleITK; loaded whole on first read."""
+
+    format = "sitk"
+
+    def __init__(self, path: Path):
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise UserError(f"SimpleITK cannot read it ({_first_line(e)})", path) from None
+        size = reader.GetSize()
+        if reader.GetNumberOfComponents() != 1:
+            raise UserError(f"{reader.GetNumberOfComponents()} components per voxel; expected "
+                            "a grayscale volume", path)
+        if len(size) == 2:
+            size = (*size, 1)
+        if len(size) != 3:
+            raise UserError(f"{len(size)}D image; expected 3D", path)
+        dtype = _sitk_dtype(reader)
+        spacing = _sitk_spacing(path, reader.GetSpacing())
+        self._reader = reader
+        self._array: np.ndarray | None = None
+        meta = {"origin_mm": reader.GetOrigin(), "direction": reader.GetDirection()}
+        super().__init__(path, (size[2], size[1], size[0]), dtype, spacing, "sitk-header", meta)
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        if self._array is None:
+            import SimpleITK as sitk
+
+            if self.path.name.lower().endswith((".nii", ".nii.gz")):
+                _check_nifti_complete(self.path, int(np.prod(self.shape)) * self.dtype.itemsize)
+            try:
+                img = self._reader.Execute()
+            except RuntimeError as e:
+                raise UserError(f"corrupt or truncated ({_first_line(e)})", self.path) from None
+            self._array = sitk.GetArrayFromImage(img).reshape(self.shape)
+        return self._array[z0:z1].copy()
+
+    def close(self) -> None:
+        self._array = None
+
+
+def _check_nifti_complete(path: Path, nbytes: int) -> None:
+    """ITK reads truncated NIfTI files without complaint: check the size (and the gzip stream)."""
+    import gzip
+    import zlib
+
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                head = f.read(540)
+                size = len(head)
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(540)
+            size = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as e:
+        raise UserError(f"corrupt or truncated NIfTI ({e})", path) from None
+    offset = _nifti_vox_offset(head)
+    if size < offset + nbytes:
+        raise UserError(f"truncated NIfTI: {size} bytes, the header needs {offset + nbytes}",
+                        path)
+
+
+def _nifti_vox_offset(head: bytes) -> int:
+    """Data offset from a NIfTI-1 or NIfTI-2 header (either byte order); 352 if unclear."""
+    for order in "<>":
+        sizeof_hdr = struct.unpack_from(order + "i", head, 0)[0] if len(head) >= 4 else 0
+        if sizeof_hdr == 348 and len(head) >= 112:
+            return max(348, int(struct.unpack_from(order + "f", head, 108)[0]))
+        if sizeof_hdr == 540 and len(head) >= 176:
+            return max(540, int(struct.unpack_from(order + "q", head, 168)[0]))
+    return 352
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    msg = next((ln for ln in lines if "rror" in ln or "annot" in ln), lines[0] if lines else "")
+    return msg[:200]
+
+
+def _sitk_spacing(path: Path, spacing_mm: tuple[float, ...]) -> Spacing | None:
+    """(z, y, x) um from the header; None when the header has no spacing field (NRRD without
+    ``spacings``/``space directions``, MHA without ElementSpacing) or NIfTI's 1 mm default."""
+    sp = list(spacing_mm) + [1.0] * (3 - len(spacing_mm))
+    name = path.name.lower()
+    try:
+        if name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+            head = path.read_bytes()[:65536].decode("latin-1", errors="replace").lower()
+            keys = ("spacings:", "space directions:") if "nrrd" in name or "nhdr" in name \
+                else ("elementspacing", "elementsize")
+            if not any(k in head for k in keys):
+                return None
+        elif name.endswith((".nii", ".nii.gz")) and all(abs(v - 1.0) < 1e-12 for v in sp):
+            return None
+    except OSError:
+        return None
+    if name.endswith((".nii", ".nii.gz")):  # float32 in the header: drop the float noise
+        sp = [float(str(np.float32(v))) for v in sp]
+    return (_um(sp[2]), _um(sp[1]), _um(sp[0]))
+
+
+def _um(mm: float) -> float:
+    """mm -> um, rounded to 10 significant digits (no 7.000000000000001)."""
+    return float(f"{mm * 1000.0:.10g}")
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    """Files of the largest DICOM series in ``folder`` (sorted by position), or []."""
+    import SimpleITK as sitk
+
+    candidates = [p for p in folder.iterdir() if p.is_file() and
+                  (p.suffix.lower() in (".dcm", ".ima", "") or _is_dicom(p))]
+    if not candidates:
+        return []
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        return []
+    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), i) for i in ids]
+    best = max(series, key=len)
+    if len(series) > 1:
+        log.warning("%s: %d DICOM series; reading the largest (%d files)", folder, len(series),
+                    len(best))
+    return [Path(f) for f in best]
+
+
+def _is_dicom(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+class DicomSeriesVolume(Volume):
+    """A DICOM series folder read one file per slice through SimpleITK."""
+
+    format = "sitk"
+
+    def __init__(self, folder: Path, files: list[Path]):
+        import SimpleITK as sitk
+
+        self.files = files
+        try:
+            first = sitk.ReadImage(str(files[0]))
+        except RuntimeError as e:
+            raise UserError(f"unreadable DICOM ({_first_line(e)})", files[0]) from None
+        arr = sitk.GetArrayFromImage(first)
+        sx, sy = first.GetSpacing()[:2]
+        sz = first.GetSpacing()[2] if first.GetDimension() > 2 else sx
+        if len(files) > 1:
+            o0 = np.array(first.GetOrigin())
+            o1 = np.array(sitk.ReadImage(str(files[1])).GetOrigin())
+            dz = float(np.linalg.norm(o1 - o0))
+            sz = dz if dz > 0 else sz
+        spacing = (sz * 1000.0, sy * 1000.0, sx * 1000.0)
+        super().__init__(folder, (len(files),) + arr.shape[-2:], arr.dtype, spacing,
+                         "sitk-header", {"files": len(files)})
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        import SimpleITK as sitk
+
+        out = np.empty((z1 - z0,) + self.shape[1:], self.dtype)
+        for i, f in enumerate(self.files[z0:z1]):
+            try:
+                arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+            except RuntimeError as e:
+                raise UserError(f"unreadable DICOM ({_first_line(e)})", f) from None
+            out[i] = arr.reshape(self.shape[1:]).astype(self.dtype, copy=False)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+class SitkWriter(VolumeWriter):
+    """NIfTI / MHA / NRRD through SimpleITK (spacing in mm). Buffers the whole volume in memory
+    until ``close()``: SimpleITK cannot write slice by slice."""
+
+    kind = "sitk"
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any,
+                 spacing_um: Spacing | None, overwrite: bool):
+        self._buf: np.ndarray | None = None
+        super().__init__(path, shape, dtype, spacing_um, overwrite)
+
+    def _open(self) -> None:
+        self._buf = np.empty(self.shape, self.dtype)
+
+    def _write(self, block: np.ndarray) -> None:
+        assert self._buf is not None
+        self._buf[self.count:self.count + block.shape[0]] = block
+
+    def _finish(self) -> None:
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(self._buf)
+        if self.spacing_um:
+            img.SetSpacing([v / 1000.0 for v in self.spacing_um[::-1]])
+        compress = self.path.name.lower().endswith((".gz", ".nrrd", ".mha"))
+        try:
+            sitk.WriteImage(img, str(self.tmp), useCompression=compress)
+        except RuntimeError as e:
+            raise OSError(f"SimpleITK could not write {self.path}: {_first_line(e)}") from None
+        self._buf = None
+
+    def _cleanup(self) -> None:
+        self._buf = None

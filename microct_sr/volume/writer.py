@@ -1,0 +1,214 @@
+"""The :class:`VolumeWriter` base: slices appended in order under a temporary name in the
+target folder, renamed into place by ``close()``; target checks, stale temporary outputs left
+by killed runs, and the SIGTERM handler that turns a kill into an abort while writers are open.
+The format writers live with their readers (tiff.py, slices.py, sitk.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .base import IMAGE_SUFFIXES, TMP_PREFIX, Spacing, to_dtype
+
+log = logging.getLogger(__name__)
+
+_ACTIVE: set["VolumeWriter"] = set()
+_PREV_SIGTERM: Any = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM while writing: raise so context managers abort and remove temporary output."""
+    raise SystemExit(128 + signum)
+
+
+def _register(writer: "VolumeWriter") -> None:
+    global _PREV_SIGTERM
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+        try:
+            _PREV_SIGTERM = signal.signal(signal.SIGTERM, _on_sigterm)
+        except (ValueError, OSError):
+            _PREV_SIGTERM = None
+    _ACTIVE.add(writer)
+
+
+def _unregister(writer: "VolumeWriter") -> None:
+    global _PREV_SIGTERM
+    _ACTIVE.discard(writer)
+    if not _ACTIVE and _PREV_SIGTERM is not None and \
+            threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _PREV_SIGTERM)
+        _PREV_SIGTERM = None
+
+
+class VolumeWriter:
+    """Appends slices in order under a temporary name; ``close()`` renames into place."""
+
+    kind = "abstract"
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any,
+                 spacing_um: Spacing | None, overwrite: bool):
+        self.path = Path(path)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.spacing_um = None if spacing_um is None else tuple(float(s) for s in spacing_um)
+        self.overwrite = overwrite
+        self.count = 0
+        self.closed = False
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"shape must be (z, y, x) with positive sizes, got {shape}")
+        _check_target(self.path, overwrite, folder=self.kind == "nrecon")
+        self.tmp = self.path.parent / f"{TMP_PREFIX}{os.getpid()}-{self.path.name}"
+        _remove(self.tmp)
+        _remove_stale(self.path)
+        _register(self)
+        try:
+            self._open()
+        except BaseException:
+            self.abort()
+            raise
+
+    # subclasses: _open(), _write(block), _finish(), _cleanup()
+    def _open(self) -> None:
+        """Create the temporary output."""
+    def write(self, slices: np.ndarray) -> None:
+        """Append one (y, x) slice or a (n, y, x) block; converted with :func:`to_dtype`."""
+        if self.closed:
+            raise RuntimeError(f"writer for {self.path} is closed")
+        block = np.asarray(slices)
+        if block.ndim == 2:
+            block = block[None]
+        if block.ndim != 3 or block.shape[1:] != self.shape[1:]:
+            raise ValueError(f"slices of shape {block.shape} do not fit volume {self.shape}")
+        if self.count + block.shape[0] > self.shape[0]:
+            raise ValueError(f"too many slices for {self.path}: {self.count + block.shape[0]} "
+                             f"> {self.shape[0]}")
+        try:
+            self._write(to_dtype(block, self.dtype))
+        except BaseException:
+            self.abort()
+            raise
+        self.count += block.shape[0]
+
+    def close(self) -> None:
+        """Finish the file, check the slice count and rename into place."""
+        if self.closed:
+            return
+        if self.count != self.shape[0]:
+            self.abort()
+            raise ValueError(f"{self.path}: wrote {self.count} of {self.shape[0]} slices")
+        try:
+            self._finish()
+            _check_target(self.path, self.overwrite, folder=self.kind == "nrecon")
+            _move_into_place(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+        _unregister(self)
+
+    def abort(self) -> None:
+        """Discard the temporary output; the final name is left untouched."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._cleanup()
+        finally:
+            _remove(self.tmp)
+            _unregister(self)
+
+    def _write(self, block: np.ndarray) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        pass
+
+    def _cleanup(self) -> None:
+        pass
+
+    def __enter__(self) -> "VolumeWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _check_target(path: Path, overwrite: bool, folder: bool) -> None:
+    """UserError unless ``path`` may be (re)written."""
+    if not path.parent.is_dir():
+        raise UserError("the output's parent folder does not exist", path.parent)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise UserError("already exists; pass --overwrite to replace it", path)
+    if path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise UserError(f"exists and is {kind}; refusing to replace it", path)
+    if folder:
+        _check_replaceable_folder(path)
+
+
+_REPLACEABLE = set(IMAGE_SUFFIXES) | {".log", ".json", ".csv", ".txt", ".png"}
+
+
+def _check_replaceable_folder(path: Path) -> None:
+    """Only replace folders that look like volume output (slices, logs, json)."""
+    for p in path.iterdir():
+        if p.is_dir() or p.suffix.lower() not in _REPLACEABLE:
+            raise UserError(f"refusing to replace the folder: it holds {p.name!r}, which this "
+                            "tool does not write", path)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove temporary outputs for ``final`` left by killed processes (SIGKILL, power loss)."""
+    pat = re.compile(rf"^{re.escape(TMP_PREFIX)}(?:old-)?(\d+)-{re.escape(final.name)}$")
+    for p in final.parent.iterdir():
+        m = pat.match(p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            log.info("removing %s left by an interrupted run", p)
+            _remove(p)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing folder is swapped out first, then removed."""
+    if tmp.is_dir() and final.is_dir():
+        old = final.parent / f"{TMP_PREFIX}old-{os.getpid()}-{final.name}"
+        _remove(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

@@ -6,14 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .pairing import (
-    Registration,
-    _Reader,
-    area_down,
-    cubic_up,
-    stretch_u8,
-    warp_lr_to_hr_grid,
-)
+from .images import area_down, cubic_up, stretch_u8
+from .registration import Registration, warp_lr_to_hr_grid
+from .scans import _Reader
 
 
 def _to_size(img: np.ndarray, size: int) -> np.ndarray:

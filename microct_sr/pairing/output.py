@@ -1,0 +1,85 @@
+"""The pair folder on disk: ``pairs.csv`` and ``registration.json`` (read, merged per scan id,
+written atomically under a lock), ``lr/`` and ``hr/`` patch files moved in from a temporary
+folder."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+from ..atomic import atomic_write
+from ..errors import UserError
+
+CSV_COLUMNS = ["patch_id", "scan_id", "lr_slice", "hr_slice", "lr_x", "lr_y", "hr_x", "hr_y",
+               "angle_deg", "ncc"]
+SCAN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _read_index(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    rows, regs = [], []
+    csv_p, reg_p = out_dir / "pairs.csv", out_dir / "registration.json"
+    if csv_p.exists():
+        with open(csv_p, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    if reg_p.exists():
+        try:
+            regs = json.loads(reg_p.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"not valid JSON ({e}); fix or remove it", reg_p)
+        if not isinstance(regs, list):
+            raise UserError("expected a JSON list of per-scan objects", reg_p)
+    return rows, regs
+
+
+def scan_exists(out_dir: Path, scan_id: str) -> bool:
+    """True when OUT_DIR already holds patches or a registration for ``scan_id``."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return False
+    rows, regs = _read_index(out_dir)
+    return (any(r.get("scan_id") == scan_id for r in rows)
+            or any(g.get("scan_id") == scan_id for g in regs)
+            or (out_dir / "lr" / f"{scan_id}_00000.tif").exists())
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _commit(out_dir: Path, tmp: Path, scan_id: str, rows: list[dict], reg: dict,
+            overwrite: bool) -> None:
+    """Replace this scan's patches/rows/registration by the new ones; other scans untouched."""
+    with open(out_dir / ".microct-sr-pair.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old_rows, old_regs = _read_index(out_dir)
+        if not overwrite and scan_exists(out_dir, scan_id):
+            raise UserError(f"scan id {scan_id!r} is already in {out_dir}; use --overwrite to "
+                            "replace it or choose another --scan-id", out_dir)
+        for sub in ("lr", "hr"):
+            (out_dir / sub).mkdir(exist_ok=True)
+            for r in old_rows:
+                if r.get("scan_id") == scan_id:
+                    (out_dir / sub / f"{r['patch_id']}.tif").unlink(missing_ok=True)
+            for p in sorted((tmp / sub).iterdir()):
+                os.replace(p, out_dir / sub / p.name)
+        keep = [r for r in old_rows if r.get("scan_id") != scan_id]
+        _atomic_text(out_dir / "pairs.csv", _csv_text(keep + rows))
+        regs = [g for g in old_regs if g.get("scan_id") != scan_id] + [reg]
+        _atomic_text(out_dir / "registration.json", json.dumps(regs, indent=2) + "\n")
+        if (tmp / "qc.png").exists():
+            (out_dir / "qc").mkdir(exist_ok=True)
+            os.replace(tmp / "qc.png", out_dir / "qc" / f"{scan_id}.png")
+
+
+def _csv_text(rows: list[dict]) -> str:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()

@@ -65,12 +65,18 @@ TEST_SETTINGS = {
 VERT_TEST_SETTINGS = ("nominal", "views120", "lowdose", "ramp_nosmooth", "smooth2")
 
 
+def acquisition(rng: random.Random) -> dict:
+    """Views and photons of a training scan (drawn in this order: the seeds' settings depend
+    on it)."""
+    return {"views": rng.choice([90, 120, 150, 180, 225, 300, 360, 450, 600]),
+            "photons": float(round(10 ** rng.uniform(np.log10(2000), np.log10(50000))))}
+
+
 def random_setting(rng: random.Random) -> dict:
     """A training scanner setting; the ranges bracket the nominal 225 views / Hamming / 0.5 px
     widely, because a model trained on one setting hurts users whose scanner differs."""
     return {
-        "views": rng.choice([90, 120, 150, 180, 225, 300, 360, 450, 600]),
-        "photons": float(round(10 ** rng.uniform(np.log10(2000), np.log10(50000)))),
+        **acquisition(rng),
         "smoothing": round(rng.uniform(0.0, 2.2), 2),
         "filter": rng.choice(["hamming", "hamming", "hann", "shepp-logan", "cosine", "ramp"]),
     }
@@ -84,12 +90,7 @@ def wide_setting(rng: random.Random) -> dict:
     smooth = rng.uniform(0.0, 3.2)
     if filt in ("ramp", "shepp-logan") and rng.random() < 0.5:
         smooth = 0.0
-    return {
-        "views": rng.choice([90, 120, 150, 180, 225, 300, 360, 450, 600]),
-        "photons": float(round(10 ** rng.uniform(np.log10(2000), np.log10(50000)))),
-        "smoothing": round(smooth, 2),
-        "filter": filt,
-    }
+    return {**acquisition(rng), "smoothing": round(smooth, 2), "filter": filt}
 
 
 def run(cmd: list[str]) -> str:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import pickle
+import site
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -45,9 +47,6 @@ SHARE_SUBPATH = Path("share") / "microct-sr" / "weights" / "default.pt"
 def installed_model_candidates() -> list[Path]:
     """Where the bundled model may be, in order: the checkout, then the wheel's data
     directory for this interpreter's prefix and for a ``pip install --user``."""
-    import site
-    import sys
-
     prefixes = [sys.prefix, getattr(site, "USER_BASE", None) or ""]
     return [DEFAULT_MODEL] + [Path(p) / SHARE_SUBPATH for p in prefixes if p]
 

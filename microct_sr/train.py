@@ -185,7 +185,10 @@ def train(config: TrainConfig) -> dict:
     dinfo = _init_distributed(cfg)
     try:
         _limit_cpu_threads(cfg)
-        return _Trainer(cfg, dinfo).run()
+        summary = _Trainer(cfg, dinfo).run()
+        if dinfo.owns_group:  # leave together: rank 0 still writes model.pt, and a gloo peer
+            dist.barrier()    # torn down under it has aborted a rank at exit (rare, seen once)
+        return summary
     finally:
         torch.set_num_threads(threads)
         if dinfo.owns_group:

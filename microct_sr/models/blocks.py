@@ -71,8 +71,7 @@ def subpixel_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     else:
         w2 = (mat @ pre_weight.flatten(1)).view(mat.shape[0], *pre_weight.shape[1:])
         b2 = None if pre_bias is None else mat @ pre_bias
-        y = F.conv2d(x, w2.contiguous(memory_format=torch.channels_last), b2,
-                     padding=1).permute(0, 2, 3, 1)
+        y = F.conv2d(x, w2, b2, padding=1).permute(0, 2, 3, 1)  # x's memory format
     n, h, w = y.shape[:3]
     out = y.new_zeros(n, h, w, o, r, r)
     for di, dj, a0, a1, b0, b1, m0, m1 in groups:

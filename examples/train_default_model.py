@@ -45,6 +45,11 @@ PHANTOMS = [  # name, bvtv, thickness_um, cortex, seed
 ]
 SPLIT_OF_PHANTOM = {"ph1": "train", "ph2": "train", "ph3": "train", "ph4": "train",
                     "ph5": "val", "ph6": "test"}
+# The vertebra ROIs again, magnified (the third model's data): at 1x their trabeculae are thinner
+# and closer together (HR Tb.Th 73 um, Tb.Sp 164 um on vert7) than the real LHDL bone's (104 and
+# 389 um) or a rat's. (name suffix, magnification, corner of the 296^3 crop: 0 near, 1 far).
+SCALED_CROPS = {"train": (("a", 1.5, 0), ("b", 2.0, 1)), "val": (("a", 1.5, 0),),
+                "test": (("a", 1.5, 1),)}
 
 NOMINAL = {"views": 225, "photons": None, "smoothing": 0.5, "filter": "hamming"}
 # Held-out settings: the nominal one, then plausible scanners, then some outside training range.
@@ -98,8 +103,24 @@ def run(cmd: list[str]) -> str:
     return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
-def hr_volumes(work: Path) -> dict[str, tuple[Path, str]]:
-    """Make the HR volumes; returns {name: (path, split)}."""
+def scaled_mask(path: Path, zoom: float, corner: int, size: int = 296) -> np.ndarray:
+    """A vertebra ROI's bone mask magnified ``zoom`` times (linear interpolation of the mask,
+    threshold 0.5) and cropped to ``size``^3 at the near (0) or far (1) corner."""
+    from scipy import ndimage
+
+    from microct_sr.volume import open_volume
+
+    with open_volume(path, spacing_um=(10.0, 10.0, 10.0)) as v:  # no spacing in the file
+        m = (v.read(0, len(v)) > 0).astype(np.float32)
+    big = ndimage.zoom(m, zoom, order=1) >= 0.5
+    start = [0 if corner == 0 else n - size for n in big.shape]
+    crop = big[tuple(slice(a, a + size) for a in start)]
+    return crop.astype(np.uint8)
+
+
+def hr_volumes(work: Path, scaled: bool = True) -> dict[str, tuple[Path, str]]:
+    """Make the HR volumes; returns {name: (path, split)} (``scaled``: with the magnified
+    vertebra crops of :data:`SCALED_CROPS`)."""
     from microct_sr.volume import open_volume, write_volume
 
     hr_dir = work / "hr"
@@ -113,11 +134,29 @@ def hr_volumes(work: Path) -> dict[str, tuple[Path, str]]:
         out[name] = (hr_dir / f"{name}.tif", split)
     for name, bvtv, th, cortex, seed in PHANTOMS:
         out[name] = (hr_dir / f"{name}.tif", SPLIT_OF_PHANTOM[name])
+    if scaled:
+        for i in range(n_vert):
+            split = out[f"vert{i + 1}"][1]
+            for tag, _zoom, _corner in SCALED_CROPS[split]:
+                out[f"vs{i + 1}{tag}"] = (hr_dir / f"vs{i + 1}{tag}.tif", split)
     for name, (path, _split) in out.items():
+        # A random gray window per volume: scanners and NRecon settings map bone and marrow to
+        # different gray levels (the real LHDL scan has marrow near 10, the phantoms near 60).
+        # Drawn for every volume, made or not, so that each volume's window stays the same.
+        lo, hi = float(rng.uniform(-60, 40)), float(rng.uniform(225, 300))
         if path.exists():
             continue
         raw = hr_dir / f"{name}.raw.tif"
-        if name.startswith("vert"):
+        if name.startswith("vs"):
+            split = out[f"vert{name[2:-1]}"][1]
+            _tag, zoom, corner = next(c for c in SCALED_CROPS[split] if c[0] == name[-1])
+            mask_file = hr_dir / f"{name}.mask.tif"
+            write_volume(mask_file, scaled_mask(VERTEBRAE[int(name[2:-1]) - 1], zoom, corner),
+                         (10.0, 10.0, 10.0), overwrite=True)
+            run(["microct-sr", "phantom", str(raw), "--mask", str(mask_file), "--spacing-um",
+                 "10", "--seed", str(100 + int(name[2:-1])), "--overwrite", "--json"])
+            mask_file.unlink()
+        elif name.startswith("vert"):
             mask = VERTEBRAE[int(name[4:]) - 1]
             run(["microct-sr", "phantom", str(raw), "--mask", str(mask), "--spacing-um", "10",
                  "--seed", name[4:], "--overwrite", "--json"])
@@ -131,9 +170,6 @@ def hr_volumes(work: Path) -> dict[str, tuple[Path, str]]:
         a = vol.read(0, vol.shape[0]).astype(np.float32)
         z, y, x = (s - s % 8 for s in a.shape)
         a = a[:z, :y, :x]
-        # A random gray window per volume: scanners and NRecon settings map bone and marrow to
-        # different gray levels (the real LHDL scan has marrow near 10, the phantoms near 60).
-        lo, hi = float(rng.uniform(-60, 40)), float(rng.uniform(225, 300))
         a = (a - lo) * 255.0 / (hi - lo)
         write_volume(path, np.clip(np.rint(a), 0, 255).astype(np.uint8), (10.0, 10.0, 10.0),
                      overwrite=True)
@@ -149,16 +185,21 @@ def simulate_all(work: Path, hrs: dict, n_train_settings: int,
     ``n_train_settings`` draws of :func:`random_setting` then ``n_wide_settings`` of
     :func:`wide_setting` (separate generators: adding wide ones keeps the first ones)."""
     rng, rng_wide = random.Random(11), random.Random(12)
+    rng_scaled = random.Random(13)  # the magnified vertebrae draw apart: the others stay the same
     scans = []
     (work / "lr").mkdir(parents=True, exist_ok=True)
     order = {"train": 0, "val": 1, "test": 2}  # training data first
     for name, (path, split) in sorted(hrs.items(), key=lambda kv: order[kv[1][1]]):
         if split == "test":
             keep = {"lhdl": tuple(TEST_SETTINGS)}.get(
-                name, VERT_TEST_SETTINGS if name.startswith("vert") else ("nominal",))
+                name, VERT_TEST_SETTINGS if name.startswith("v") else ("nominal",))
             settings = {k: TEST_SETTINGS[k] for k in keep}
         elif split == "val":
-            settings = {"nominal": NOMINAL, "rand0": random_setting(rng)}
+            settings = {"nominal": NOMINAL,
+                        "rand0": random_setting(rng_scaled if name.startswith("vs") else rng)}
+        elif name.startswith("vs"):
+            settings = {f"rand{k}": random_setting(rng_scaled) for k in range(2)}
+            settings.update({f"wide{k}": wide_setting(rng_scaled) for k in range(2)})
         else:
             settings = {f"rand{k}": random_setting(rng) for k in range(n_train_settings)}
             settings.update({f"wide{k}": wide_setting(rng_wide) for k in range(n_wide_settings)})
@@ -231,26 +272,27 @@ def pair_all(work: Path, scans: list[dict]) -> None:
     split["test"] = []
     (work / "pair_report.json").write_text(json.dumps(report, indent=2))
     (work / "split.json").write_text(json.dumps(split, indent=2))
-    # the L1 stage trains on the first settings only (the first default model's data)
-    first = {k: [i for i in v if "-wide" not in i] for k, v in split.items()}
+    # Each model's data: the L1 stage (first model) trained on the first settings only, the MSE
+    # fine-tuning (second model) on every setting but not the magnified vertebrae (third model).
+    unscaled = {k: [i for i in v if not i.startswith("vs")] for k, v in split.items()}
+    first = {k: [i for i in v if "-wide" not in i] for k, v in unscaled.items()}
     (work / "split_l1.json").write_text(json.dumps(first, indent=2))
+    (work / "split_mse.json").write_text(json.dumps(unscaled, indent=2))
     n_ransac = sum(r["method"] == "ransac" for r in report)
     print(f"pair: {n_ransac} of {len(report)} scans registered by ransac, the rest by known "
           f"motion; {len(kept)} kept", file=sys.stderr)
 
 
 def train(work: Path, iters: int, preset: str, *, pixel_loss: str = "l1",
-          init: Path | None = None) -> Path:
+          init: Path | None = None, split: str = "split_l1.json", name: str = "") -> Path:
     """The L1 stage (the first default model: from scratch, lr 2e-4, the first settings only)
-    or, with ``init``, the fine-tuning stage (lr 1e-4, every training scan)."""
-    run_dir = work / (f"run_{preset}" if init is None else f"run_{preset}_{pixel_loss}")
-    split = work / ("split_l1.json" if init is None and (work / "split_l1.json").exists()
-                    else "split.json")
+    or, with ``init``, a fine-tuning stage (lr 1e-4) on the scans of ``split``."""
+    run_dir = work / f"run_{preset}{name}"
     cmd = ["microct-sr", "train", "--stage", "psnr", "--data", str(work / "pairs"),
            "--out", str(run_dir), "--arch", "r2rcan", "--preset", preset, "--iters", str(iters),
            "--batch-size", "16", "--lr", "2e-4" if init is None else "1e-4",
            "--pixel-loss", pixel_loss, "--val-every", "250", "--save-every", "250",
-           "--split-file", str(split), "--workers", "1", "--seed", "0", "--json"]
+           "--split-file", str(work / split), "--workers", "1", "--seed", "0", "--json"]
     if init is not None:
         cmd += ["--init", str(init)]
     if (run_dir / "checkpoints").exists() and not (run_dir / "model.pt").exists():
@@ -335,10 +377,12 @@ def summarize(work: Path, rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path)
-    ap.add_argument("--stages", default="hr,simulate,pair,train,finetune,evaluate")
+    ap.add_argument("--stages", default="hr,simulate,pair,train,finetune,scaled,evaluate")
     ap.add_argument("--iters", type=int, default=20000, help="L1 stage iterations")
     ap.add_argument("--finetune-iters", type=int, default=4000,
                     help="MSE fine-tuning iterations (on every training scan)")
+    ap.add_argument("--scaled-iters", type=int, default=8000,
+                    help="MSE fine-tuning iterations with the magnified vertebrae")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--train-settings", type=int, default=3,
                     help="random scanner settings per training volume")
@@ -360,7 +404,12 @@ def main() -> None:
         model = train(args.work, args.iters, args.preset)
     if "finetune" in stages:
         model = train(args.work, args.finetune_iters, args.preset, pixel_loss="mse",
-                      init=args.work / f"run_{args.preset}" / "best.pt")
+                      init=args.work / f"run_{args.preset}" / "best.pt", split="split_mse.json",
+                      name="_mse")
+    if "scaled" in stages:
+        model = train(args.work, args.scaled_iters, args.preset, pixel_loss="mse",
+                      init=args.work / f"run_{args.preset}_mse" / "best.pt", split="split.json",
+                      name="_scaled")
     if "evaluate" in stages:
         rows = evaluate(args.work, scans, model)
         print(summarize(args.work, rows))

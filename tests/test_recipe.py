@@ -1,0 +1,60 @@
+"""The default model's recipe (examples/train_default_model.py): its data-making helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import numpy as np
+
+from microct_sr.metrics.morphometry import morphometry
+from microct_sr.volume import write_volume
+
+RECIPE = Path(__file__).resolve().parents[1] / "examples" / "train_default_model.py"
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("train_default_model", RECIPE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scaled_mask_magnifies_thickness_and_keeps_the_bone_fraction(tmp_path):
+    """Plates 3 voxels thick every 12: magnified 2x they are 6 thick, BV/TV stays 0.25; the
+    near and far crops are the two ends of the magnified volume."""
+    z = np.arange(48)
+    mask = np.zeros((48, 48, 48), np.uint8)
+    mask[(z % 12) < 3] = 1
+    path = tmp_path / "mask.tif"
+    write_volume(path, mask, (10.0, 10.0, 10.0))
+    rec = _recipe()
+    whole = rec.scaled_mask(path, 2.0, 0, size=96)
+    near, far = rec.scaled_mask(path, 2.0, 0, size=64), rec.scaled_mask(path, 2.0, 1, size=64)
+    assert whole.shape == (96, 96, 96) and whole.dtype == np.uint8
+    assert np.array_equal(near, whole[:64, :64, :64])
+    assert np.array_equal(far, whole[32:, 32:, 32:])
+    assert abs(whole.mean() - 0.25) < 0.03
+    thick = morphometry(whole > 0, (10.0, 10.0, 10.0))["tb_th_um"]
+    plain = morphometry(mask > 0, (10.0, 10.0, 10.0))["tb_th_um"]
+    assert 1.7 < thick / plain < 2.3, (thick, plain)
+
+
+def test_adding_the_magnified_vertebrae_keeps_every_other_scan_setting(tmp_path, monkeypatch):
+    """The magnified vertebrae draw their settings from their own generator, so the earlier
+    volumes' seeded settings (the shipped models' data) stay the same with them added."""
+    rec = _recipe()
+    monkeypatch.setattr(rec, "run", lambda cmd: "")  # record the settings, simulate nothing
+    base = {"vert1": (tmp_path / "vert1.tif", "train"), "ph1": (tmp_path / "ph1.tif", "train"),
+            "vert6": (tmp_path / "vert6.tif", "val"), "vert7": (tmp_path / "vert7.tif", "test")}
+    scaled = {**base, "vs1a": (tmp_path / "vs1a.tif", "train"),
+              "vs1b": (tmp_path / "vs1b.tif", "train"), "vs6a": (tmp_path / "vs6a.tif", "val"),
+              "vs7a": (tmp_path / "vs7a.tif", "test")}
+    without = rec.simulate_all(tmp_path, base, 3, 3)
+    with_vs = rec.simulate_all(tmp_path, scaled, 3, 3)
+    assert [s for s in with_vs if not s["hr_name"].startswith("vs")] == without
+    added = [s for s in with_vs if s["hr_name"].startswith("vs")]
+    assert {s["scan_id"] for s in added if s["split"] == "train"} == {
+        f"vs1{c}-{k}" for c in "ab" for k in ("rand0", "rand1", "wide0", "wide1")}
+    assert {s["setting"] for s in added if s["hr_name"] == "vs7a"} == set(rec.VERT_TEST_SETTINGS)

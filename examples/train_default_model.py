@@ -3,8 +3,10 @@
 
 Stages (each skips work whose output exists, so the script can be re-run after a stop):
   hr        HR volumes at a nominal 10 um: the FDA vertebra ROIs given gray values
-            (`microct-sr phantom --mask`), procedural phantoms (`microct-sr phantom`), with a
-            random gray-level window per volume; the real LHDL bone volume is held out for test.
+            (`microct-sr phantom --mask`), the same ROIs magnified 1.5x and 2x (296^3 crops,
+            trabeculae as thick and far apart as a rat's), procedural phantoms (`microct-sr
+            phantom`), with a random gray-level window per volume; the real LHDL bone volume
+            is held out for test.
   simulate  one LR scan per (HR volume, scanner setting): training scans draw their setting at
             random (views, photons, smoothing, filter, motion; three "first" settings and three
             from a wider range per volume); held-out scans get the nominal
@@ -13,12 +15,15 @@ Stages (each skips work whose output exists, so the script can be re-run after a
   pair      `microct-sr pair` registers every LR scan to its HR volume and cuts patch pairs.
   train     `microct-sr train --stage psnr` (L1) on the "first" training scans (split by HR
             volume): the first default model.
-  finetune  the same with `--pixel-loss mse`, initialised from it, on every training scan: the
-            shipped model (weights/MODEL_CARD.md says why).
+  finetune  the same with `--pixel-loss mse`, initialised from it, on every training scan but
+            the magnified vertebrae: the second default model.
+  scaled    the same again, initialised from the second model, on every training scan
+            (weights/MODEL_CARD.md says which model is shipped and why).
   evaluate  `microct-sr upscale` + `microct-sr evaluate` against bicubic on every held-out scan.
 
 Usage: python examples/train_default_model.py WORK_DIR
-       [--stages hr,simulate,pair,train,finetune,evaluate] [--iters N] [--finetune-iters N]
+       [--stages hr,simulate,pair,train,finetune,scaled,evaluate] [--iters N]
+       [--finetune-iters N] [--scaled-iters N]
 """
 
 from __future__ import annotations
@@ -381,7 +386,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20000, help="L1 stage iterations")
     ap.add_argument("--finetune-iters", type=int, default=4000,
                     help="MSE fine-tuning iterations (on every training scan)")
-    ap.add_argument("--scaled-iters", type=int, default=8000,
+    ap.add_argument("--scaled-iters", type=int, default=4000,
                     help="MSE fine-tuning iterations with the magnified vertebrae")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--train-settings", type=int, default=3,

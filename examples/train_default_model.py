@@ -123,9 +123,9 @@ def scaled_mask(path: Path, zoom: float, corner: int, size: int = 296) -> np.nda
     return crop.astype(np.uint8)
 
 
-def hr_volumes(work: Path, scaled: bool = True) -> dict[str, tuple[Path, str]]:
-    """Make the HR volumes; returns {name: (path, split)} (``scaled``: with the magnified
-    vertebra crops of :data:`SCALED_CROPS`)."""
+def hr_volumes(work: Path) -> dict[str, tuple[Path, str]]:
+    """Make the HR volumes, the magnified vertebra crops of :data:`SCALED_CROPS` included;
+    returns {name: (path, split)}."""
     from microct_sr.volume import open_volume, write_volume
 
     hr_dir = work / "hr"
@@ -139,11 +139,10 @@ def hr_volumes(work: Path, scaled: bool = True) -> dict[str, tuple[Path, str]]:
         out[name] = (hr_dir / f"{name}.tif", split)
     for name, bvtv, th, cortex, seed in PHANTOMS:
         out[name] = (hr_dir / f"{name}.tif", SPLIT_OF_PHANTOM[name])
-    if scaled:
-        for i in range(n_vert):
-            split = out[f"vert{i + 1}"][1]
-            for tag, _zoom, _corner in SCALED_CROPS[split]:
-                out[f"vs{i + 1}{tag}"] = (hr_dir / f"vs{i + 1}{tag}.tif", split)
+    for i in range(n_vert):
+        split = out[f"vert{i + 1}"][1]
+        for tag, _zoom, _corner in SCALED_CROPS[split]:
+            out[f"vs{i + 1}{tag}"] = (hr_dir / f"vs{i + 1}{tag}.tif", split)
     for name, (path, _split) in out.items():
         # A random gray window per volume: scanners and NRecon settings map bone and marrow to
         # different gray levels (the real LHDL scan has marrow near 10, the phantoms near 60).

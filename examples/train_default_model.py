@@ -131,6 +131,7 @@ def hr_volumes(work: Path) -> dict[str, tuple[Path, str]]:
     hr_dir = work / "hr"
     hr_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, tuple[Path, str]] = {}
+    crops: dict[str, tuple[Path, float, int]] = {}  # magnified crop: (source ROI, zoom, corner)
     rng = np.random.default_rng(7)
     n_vert = len(VERTEBRAE)
     for i, mask in enumerate(VERTEBRAE):
@@ -141,8 +142,9 @@ def hr_volumes(work: Path) -> dict[str, tuple[Path, str]]:
         out[name] = (hr_dir / f"{name}.tif", SPLIT_OF_PHANTOM[name])
     for i in range(n_vert):
         split = out[f"vert{i + 1}"][1]
-        for tag, _zoom, _corner in SCALED_CROPS[split]:
+        for tag, zoom, corner in SCALED_CROPS[split]:
             out[f"vs{i + 1}{tag}"] = (hr_dir / f"vs{i + 1}{tag}.tif", split)
+            crops[f"vs{i + 1}{tag}"] = (VERTEBRAE[i], zoom, corner)
     for name, (path, _split) in out.items():
         # A random gray window per volume: scanners and NRecon settings map bone and marrow to
         # different gray levels (the real LHDL scan has marrow near 10, the phantoms near 60).
@@ -151,12 +153,10 @@ def hr_volumes(work: Path) -> dict[str, tuple[Path, str]]:
         if path.exists():
             continue
         raw = hr_dir / f"{name}.raw.tif"
-        if name.startswith("vs"):
-            split = out[f"vert{name[2:-1]}"][1]
-            _tag, zoom, corner = next(c for c in SCALED_CROPS[split] if c[0] == name[-1])
+        if name in crops:
             mask_file = hr_dir / f"{name}.mask.tif"
-            write_volume(mask_file, scaled_mask(VERTEBRAE[int(name[2:-1]) - 1], zoom, corner),
-                         (10.0, 10.0, 10.0), overwrite=True)
+            write_volume(mask_file, scaled_mask(*crops[name]), (10.0, 10.0, 10.0),
+                         overwrite=True)
             run(["microct-sr", "phantom", str(raw), "--mask", str(mask_file), "--spacing-um",
                  "10", "--seed", str(100 + int(name[2:-1])), "--overwrite", "--json"])
             mask_file.unlink()

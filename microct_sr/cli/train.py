@@ -43,7 +43,10 @@ def _model_options(f):
               help="Global batch of LR patches, split over processes (default: preset's; "
                    "paper 64).")
 @click.option("--lr", type=float, default=1e-4, show_default=True,
-              help="Adam learning rate, halved every 1e5 iterations.")
+              help="Adam learning rate, halved every --lr-step iterations.")
+@click.option("--lr-step", type=int, default=100_000, show_default=True,
+              help="Halve the learning rate every N iterations (the paper: 1e5; short "
+                   "fine-tuning runs settle better with a few halvings).")
 @click.option("--init", type=click.Path(), default=None,
               help="Start from this model file (a psnr-stage model for --stage gan, or "
                    "weights/default.pt to fine-tune).")
@@ -72,7 +75,7 @@ def _model_options(f):
               help='JSON {"train": [scan ids], "val": [...], "test": [...]}.')
 @json_option
 @quiet_option
-def command(stage, data, out, arch, preset, iters, batch_size, lr, init, pixel_loss, ema, resume,
+def command(stage, data, out, arch, preset, iters, batch_size, lr, lr_step, init, pixel_loss, ema, resume,
             val_every,
             save_every, keep, workers, device, amp, seed, deterministic, vgg_weights,
             split_file, as_json, quiet, **model_options) -> None:
@@ -82,7 +85,8 @@ def command(stage, data, out, arch, preset, iters, batch_size, lr, init, pixel_l
     overrides = {k: v for k, v in model_options.items() if v is not None}
     config = TrainConfig(
         data=list(data), out=out, stage=stage, arch=arch, preset=preset,
-        model_overrides=overrides, iters=iters, batch_size=batch_size, lr=lr, init=init, ema=ema,
+        model_overrides=overrides, iters=iters, batch_size=batch_size, lr=lr, lr_step=lr_step,
+        init=init, ema=ema,
         pixel_loss=pixel_loss,
         resume=resume, val_every=val_every, save_every=save_every, keep=keep, workers=workers,
         device=device, amp=amp, seed=seed, deterministic=deterministic,

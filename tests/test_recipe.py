@@ -45,6 +45,7 @@ def test_adding_the_magnified_vertebrae_keeps_every_other_scan_setting(tmp_path,
     volumes' seeded settings (the shipped models' data) stay the same with them added."""
     rec = _recipe()
     monkeypatch.setattr(rec, "run", lambda cmd: "")  # record the settings, simulate nothing
+    monkeypatch.setattr(rec, "N_HEAVY", {"vert": 0, "vs": 0, "ph": 0})  # the third model's data
     base = {"vert1": (tmp_path / "vert1.tif", "train"), "ph1": (tmp_path / "ph1.tif", "train"),
             "vert6": (tmp_path / "vert6.tif", "val"), "vert7": (tmp_path / "vert7.tif", "test")}
     scaled = {**base, "vs1a": (tmp_path / "vs1a.tif", "train"),
@@ -57,3 +58,23 @@ def test_adding_the_magnified_vertebrae_keeps_every_other_scan_setting(tmp_path,
     assert {s["scan_id"] for s in added if s["split"] == "train"} == {
         f"vs1{c}-{k}" for c in "ab" for k in ("rand0", "rand1", "wide0", "wide1")}
     assert {s["setting"] for s in added if s["hr_name"] == "vs7a"} == set(rec.VERT_TEST_SETTINGS)
+
+
+def test_adding_heavily_smoothed_scans_keeps_every_other_scan_setting(tmp_path, monkeypatch):
+    """The heavily smoothed scans (fourth model) come from their own generator, on training
+    volumes only, N_HEAVY per kind, with sigma 1.8-4.5 LR px; every other scan is unchanged."""
+    rec = _recipe()
+    monkeypatch.setattr(rec, "run", lambda cmd: "")
+    hrs = {n: (tmp_path / f"{n}.tif", split) for n, split in (
+        ("vert1", "train"), ("vert2", "train"), ("ph1", "train"), ("vs1a", "train"),
+        ("vert6", "val"), ("vs6a", "val"), ("vert7", "test"))}
+    full = rec.simulate_all(tmp_path, hrs, 3, 3)
+    monkeypatch.setattr(rec, "N_HEAVY", {"vert": 0, "vs": 0, "ph": 0})
+    light = rec.simulate_all(tmp_path, hrs, 3, 3)
+    assert [s for s in full if not s["setting"].startswith("heavy")] == light
+    heavy = [s for s in full if s["setting"].startswith("heavy")]
+    assert sorted(s["scan_id"] for s in heavy) == [
+        "ph1-heavy0", "vert1-heavy0", "vert1-heavy1", "vert2-heavy0", "vert2-heavy1",
+        "vs1a-heavy0"]
+    assert all(1.8 <= s["smoothing"] <= 4.5 for s in heavy)
+    assert len({s["smoothing"] for s in heavy}) == len(heavy)  # drawn, not one fixed value

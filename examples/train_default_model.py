@@ -343,6 +343,34 @@ def export_best(run_dir: Path) -> Path:
                       intensity=ckpt["intensity"], provenance=prov)
 
 
+def grow_model(src: Path, dst: Path, n_rcab_groups: int) -> Path:
+    """``src`` deepened to ``n_rcab_groups`` RCAB groups, computing the same function: the
+    body layout alternates RCAB and Res2 groups, so the extra RCAB groups come after the last
+    Res2 group, and their closing conv starts at zero, which makes each one an identity (its
+    short skip) until training moves it."""
+    import dataclasses
+
+    import torch
+
+    from microct_sr.checkpoint import load_model, save_model
+    from microct_sr.models import ModelConfig, build_model
+
+    small, ckpt = load_model(src)
+    config = ModelConfig.from_dict(ckpt["config"])
+    if config.arch != "r2rcan" or n_rcab_groups < config.n_rcab_groups:
+        raise ValueError(f"{src}: can only add RCAB groups to an r2rcan model")
+    torch.manual_seed(0)  # the new blocks' initial weights
+    big = build_model(dataclasses.replace(config, n_rcab_groups=n_rcab_groups))
+    big.load_state_dict({**big.state_dict(), **small.state_dict()})
+    for group in list(big.body)[len(small.body):]:
+        torch.nn.init.zeros_(group.conv.weight)
+        torch.nn.init.zeros_(group.conv.bias)
+    return save_model(dst, big, ModelConfig.from_dict({**ckpt["config"],
+                                                       "n_rcab_groups": n_rcab_groups}),
+                      intensity=ckpt["intensity"],
+                      provenance={**ckpt["provenance"], "grown_from": str(src)})
+
+
 def evaluate(work: Path, scans: list[dict], model: Path) -> list[dict]:
     rows = []
     for s in scans:

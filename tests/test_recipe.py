@@ -6,8 +6,12 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
+from microct_sr.checkpoint import load_model, save_model
 from microct_sr.metrics.morphometry import morphometry
+from microct_sr.models import build_model, preset
 from microct_sr.volume import write_volume
 
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "train_default_model.py"
@@ -78,3 +82,27 @@ def test_adding_heavily_smoothed_scans_keeps_every_other_scan_setting(tmp_path, 
         "vs1a-heavy0"]
     assert all(1.8 <= s["smoothing"] <= 4.5 for s in heavy)
     assert len({s["smoothing"] for s in heavy}) == len(heavy)  # drawn, not one fixed value
+
+
+def test_grown_model_computes_the_same_function_and_then_trains(tmp_path):
+    """Three RCAB groups more, appended after the last Res2 group with a zero closing conv: the
+    same output as the source model, and the new closing convs get gradients (training moves
+    them off zero, and then the new blocks learn)."""
+    config = preset("r2rcan", "tiny", n_rcab_groups=2, n_res2_groups=2)
+    torch.manual_seed(3)
+    src = build_model(config)
+    save_model(tmp_path / "src.pt", src, config, intensity={"window": [0.0, 255.0], "dtype": "uint8"},
+               provenance={"stage": "psnr"})
+    rec = _recipe()
+    grown, ckpt = load_model(rec.grow_model(tmp_path / "src.pt", tmp_path / "big.pt", 5))
+    assert ckpt["config"]["n_rcab_groups"] == 5 and len(grown.body) == len(src.body) + 3
+    assert ckpt["provenance"]["grown_from"] == str(tmp_path / "src.pt")
+    x = torch.rand(2, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(src.eval()(x), grown.eval()(x))
+    grown.train()
+    grown(x).mean().backward()
+    new = list(grown.body)[len(src.body):]
+    assert all(g.conv.weight.grad.abs().sum() > 0 for g in new)
+    with pytest.raises(ValueError, match="only add RCAB groups"):
+        rec.grow_model(tmp_path / "src.pt", tmp_path / "less.pt", 1)

@@ -157,21 +157,49 @@ def augment_pair(lr: np.ndarray, hr: np.ndarray, code: int) -> tuple[np.ndarray,
     return lr, hr
 
 
+# Gray-level augmentation ranges, in units of the [0, 1] window: gain log-uniform, offset
+# uniform. They take the training volumes' marrow (0.2-0.35) down to a real scan's (the LHDL
+# bone's marrow sits at 0.06-0.1, with 1% of voxels clipped at 0) and bone up to the top.
+GRAY_GAIN = (0.8, 1.25)
+GRAY_OFFSET = (-0.25, 0.1)
+
+
+def gray_transform(lr: torch.Tensor, hr: torch.Tensor, gain: float,
+                   offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same gray-level map ``clip(gain * x + offset, 0, 1)`` on LR and HR: a scanner's
+    reconstruction is linear in attenuation up to its noise, so a pair under another window
+    or contrast is still a valid pair; the clip is what an 8-bit export does."""
+    return ((gain * lr + offset).clamp_(0.0, 1.0), (gain * hr + offset).clamp_(0.0, 1.0))
+
+
+def draw_gray(seed: int, probability: float) -> tuple[float, float] | None:
+    """(gain, offset) drawn from ``seed`` with :data:`GRAY_GAIN` / :data:`GRAY_OFFSET`, or
+    None (no change) with probability ``1 - probability``."""
+    rng = np.random.default_rng(seed)
+    if rng.random() >= probability:
+        return None
+    gain = float(np.exp(rng.uniform(np.log(GRAY_GAIN[0]), np.log(GRAY_GAIN[1]))))
+    return gain, float(rng.uniform(*GRAY_OFFSET))
+
+
 class PatchDataset(Dataset):
     """LR/HR pairs of the given scans as float32 tensors (1, h, w) / (1, f*h, f*w) in [0, 1]
-    after the intensity ``window`` (lo, hi); items are indexed by ``i`` or ``(i, code)`` where
-    ``code`` is an :func:`augment_pair` symmetry (applied only when ``augment``)."""
+    after the intensity ``window`` (lo, hi); items are indexed by ``i`` or ``(i, code)`` or
+    ``(i, code, gray_seed)`` where ``code`` is an :func:`augment_pair` symmetry (applied only
+    when ``augment``) and ``gray_seed`` draws a :func:`gray_transform` (with probability
+    ``gray_augment``, only when ``augment``)."""
 
     def __init__(self, dirs: Sequence[str | Path] | None = None,
                  scan_ids: Sequence[str] | None = None, augment: bool = False, *,
                  window: tuple[float, float] | None = None, factor: int = 8,
-                 pairs: Sequence[Pair] | None = None):
+                 pairs: Sequence[Pair] | None = None, gray_augment: float = 0.0):
         all_pairs = list(pairs) if pairs is not None else read_pairs(dirs or [])
         keep = None if scan_ids is None else set(scan_ids)
         self.pairs = [p for p in all_pairs if keep is None or p.scan_id in keep]
         self.augment = augment
         self.window = window
         self.factor = factor
+        self.gray_augment = gray_augment
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -190,12 +218,18 @@ class PatchDataset(Dataset):
         x = (np.ascontiguousarray(a, dtype=np.float32) - lo) / max(hi - lo, 1e-12)
         return torch.from_numpy(np.clip(x, 0.0, 1.0))[None]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        i, code = (key, 0) if isinstance(key, (int, np.integer)) else key
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, code, gray_seed = ((key, 0, None) if isinstance(key, (int, np.integer))
+                              else (*key, None)[:3])
         lr, hr = self.read_raw(int(i))
         if self.augment and code:
             lr, hr = augment_pair(lr, hr, int(code))
-        return self._scale(lr), self._scale(hr)
+        lr_t, hr_t = self._scale(lr), self._scale(hr)
+        if self.augment and self.gray_augment > 0 and gray_seed is not None:
+            gray = draw_gray(int(gray_seed), self.gray_augment)
+            if gray is not None:
+                lr_t, hr_t = gray_transform(lr_t, hr_t, *gray)
+        return lr_t, hr_t
 
 
 def estimate_window(dataset: PatchDataset, max_patches: int = 256) -> tuple[float, float]:
@@ -216,7 +250,7 @@ def estimate_window(dataset: PatchDataset, max_patches: int = 256) -> tuple[floa
 
 
 class IterationBatchSampler(Sampler):
-    """Batches of ``(index, symmetry)`` for iterations ``start .. stop - 1``.
+    """Batches of ``(index, symmetry, gray_seed)`` for iterations ``start .. stop - 1``.
 
     The global batch of iteration t is positions [t*B, (t+1)*B) of an endless stream of
     epochs, each a permutation drawn from (seed, epoch); process ``rank`` of ``world`` takes
@@ -235,11 +269,13 @@ class IterationBatchSampler(Sampler):
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
 
-    def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            self._epoch = (epoch, rng.permutation(self.n), rng.integers(0, 8, self.n))
-        return self._epoch[1], self._epoch[2]
+            # drawn in this order: the gray seeds came later and leave the first two as they were
+            self._epoch = (epoch, rng.permutation(self.n), rng.integers(0, 8, self.n),
+                           rng.integers(0, 2**31, self.n))
+        return self._epoch[1], self._epoch[2], self._epoch[3]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         per = self.batch // self.world
@@ -247,6 +283,7 @@ class IterationBatchSampler(Sampler):
             first = t * self.batch + self.rank * per
             batch = []
             for pos in range(first, first + per):
-                perm, codes = self._draw(pos // self.n)
-                batch.append((int(perm[pos % self.n]), int(codes[pos % self.n])))
+                perm, codes, grays = self._draw(pos // self.n)
+                j = pos % self.n
+                batch.append((int(perm[j]), int(codes[j]), int(grays[j])))
             yield batch

@@ -107,6 +107,7 @@ class TrainConfig:
     split_file: str | None = None
     window: tuple[float, float] | None = None
     ema: float = 0.0                    # EMA decay of the generator weights; 0: off
+    gray_augment: float = 0.0           # probability of a random gray-level map per patch
     quiet: bool = False
 
     def resolved(self) -> "TrainConfig":
@@ -131,6 +132,8 @@ class TrainConfig:
         if c.pixel_loss not in PIXEL_LOSSES:
             raise UserError(f"unknown pixel loss {c.pixel_loss!r} "
                             f"(choose {', '.join(PIXEL_LOSSES)})")
+        if not 0 <= c.gray_augment <= 1:
+            raise UserError(f"--gray-augment {c.gray_augment}: a probability in [0, 1]")
         if not 0 <= c.ema < 1:
             raise UserError(f"--ema {c.ema}: the decay must be in [0, 1) (0 turns EMA off; "
                             "typical 0.999)")
@@ -362,7 +365,8 @@ class _Trainer:
                          len(unused), cfg.split_file, ", ".join(unused[:5]))
         else:
             self.split = make_split(scans, cfg.seed)
-        self.train_ds = PatchDataset(pairs=pairs, scan_ids=self.split["train"], augment=True)
+        self.train_ds = PatchDataset(pairs=pairs, scan_ids=self.split["train"], augment=True,
+                                     gray_augment=cfg.gray_augment)
         if len(self.train_ds) == 0:
             raise UserError(f"no training patches: train scans {self.split['train'][:5]} are "
                             "not in the --data folders")
@@ -480,7 +484,7 @@ class _Trainer:
 
     def _provenance(self, iteration: int) -> dict:
         return {"stage": self.cfg.stage, "iterations": iteration, "data": self.cfg.data,
-                "pixel_loss": self.cfg.pixel_loss,
+                "pixel_loss": self.cfg.pixel_loss, "gray_augment": self.cfg.gray_augment,
                 "preset": self.cfg.preset, "init": self.cfg.init, "split": self.split,
                 "best_val_psnr": self.best["psnr"], "best_iteration": self.best["iteration"],
                 **({"weights": "ema", "ema_decay": self.ema.decay,

@@ -9,8 +9,9 @@ import tifffile
 import torch
 
 from _train_data import make_pair_folder
-from microct_sr.data import (IterationBatchSampler, PatchDataset, augment_pair, estimate_window,
-                             load_split, make_split, read_pairs, save_split)
+from microct_sr.data import (GRAY_GAIN, GRAY_OFFSET, IterationBatchSampler, PatchDataset,
+                             augment_pair, draw_gray, estimate_window, gray_transform, load_split,
+                             make_split, read_pairs, save_split)
 from microct_sr.errors import UserError
 
 
@@ -76,13 +77,59 @@ def test_sampler_depends_only_on_iteration():
     full = list(IterationBatchSampler(10, 4, seed=3, start=0, stop=6))
     resumed = list(IterationBatchSampler(10, 4, seed=3, start=4, stop=6))
     assert resumed == full[4:]
-    seen = [i for b in full[:5] for i, _ in b][:10]
+    seen = [i for b in full[:5] for i, *_ in b][:10]
     assert sorted(seen) == list(range(10))  # one epoch visits every patch once
     r0 = list(IterationBatchSampler(10, 4, seed=3, start=0, stop=6, rank=0, world=2))
     r1 = list(IterationBatchSampler(10, 4, seed=3, start=0, stop=6, rank=1, world=2))
     assert [a + b for a, b in zip(r0, r1)] == full  # ranks share each global batch
     with pytest.raises(UserError, match="divisible"):
         IterationBatchSampler(10, 3, seed=0, start=0, stop=1, world=2)
+
+
+def test_sampler_symmetries_are_the_seeded_draws():
+    """Each epoch's order and symmetries are the first two draws of rng([seed, epoch]) (the
+    shipped models' batches); the gray seeds are drawn after them."""
+    batches = list(IterationBatchSampler(6, 3, seed=5, start=0, stop=4))
+    for epoch in (0, 1):
+        rng = np.random.default_rng([5, epoch])
+        perm, codes, grays = rng.permutation(6), rng.integers(0, 8, 6), rng.integers(0, 2**31, 6)
+        got = [k for b in batches[2 * epoch:2 * epoch + 2] for k in b]
+        assert got == [(int(perm[j]), int(codes[j]), int(grays[j])) for j in range(6)]
+
+
+def test_gray_transform_known_values():
+    x = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    lr, hr = gray_transform(x.clone(), x.clone(), 2.0, -0.5)
+    assert lr.tolist() == [0.0, 0.0, 0.5, 1.0] and torch.equal(lr, hr)  # clipped at both ends
+    lr, _ = gray_transform(x.clone(), x.clone(), 0.8, 0.1)
+    assert lr.tolist() == pytest.approx([0.1, 0.3, 0.5, 0.9])
+
+
+def test_draw_gray_ranges_probability_and_seed():
+    draws = [draw_gray(s, 0.5) for s in range(400)]
+    kept = [d for d in draws if d is not None]
+    assert 150 < len(kept) < 250
+    assert all(GRAY_GAIN[0] <= g <= GRAY_GAIN[1] and GRAY_OFFSET[0] <= b <= GRAY_OFFSET[1]
+               for g, b in kept)
+    assert min(b for _, b in kept) < -0.15 and max(g for g, _ in kept) > 1.15  # spans the range
+    assert draw_gray(7, 0.5) == draw_gray(7, 0.5)
+    assert all(draw_gray(s, 0.0) is None for s in range(50))
+    assert all(draw_gray(s, 1.0) is not None for s in range(50))
+
+
+def test_gray_augment_maps_lr_and_hr_alike(folders):
+    plain = PatchDataset(folders, None, augment=True, window=(0.0, 255.0))
+    gray = PatchDataset(folders, None, augment=True, window=(0.0, 255.0), gray_augment=1.0)
+    seed = next(s for s in range(100) if draw_gray(s, 1.0)[1] < -0.1)  # some clipping at 0
+    gain, offset = draw_gray(seed, 1.0)
+    lr0, hr0 = plain[(4, 3, seed)]  # gray seeds are ignored with gray_augment 0
+    assert all(torch.equal(a, b) for a, b in zip((lr0, hr0), plain[(4, 3)]))
+    lr, hr = gray[(4, 3, seed)]
+    assert torch.allclose(lr, (gain * lr0 + offset).clamp(0, 1))
+    assert torch.allclose(hr, (gain * hr0 + offset).clamp(0, 1))
+    assert not torch.equal(hr, hr0) and float(hr.min()) >= 0.0
+    off = PatchDataset(folders, None, augment=False, window=(0.0, 255.0), gray_augment=1.0)
+    assert torch.equal(off[(4, 0, seed)][1], plain[(4, 0)][1])  # only when augmenting
 
 
 def test_folder_of_pair_folders(folders):

@@ -527,3 +527,17 @@ def test_pixel_loss_option(pairs, tmp_path, pixel_loss):
 def test_unknown_pixel_loss_is_a_clear_error(pairs, tmp_path):
     with pytest.raises(UserError, match="pixel loss 'huber'"):
         train(_cfg(pairs, tmp_path / "x", iters=1, pixel_loss="huber"))
+
+
+def test_gray_augment_changes_the_batches_and_is_recorded(pairs, tmp_path):
+    """The same seed with and without gray augmentation: the first step's loss differs (other
+    gray levels), both are finite, and the model file says which was used."""
+    runs = {}
+    for p in (0.0, 1.0):
+        run_dir = tmp_path / f"gray{p}"
+        train(_cfg(pairs, run_dir, iters=2, seed=0, gray_augment=p))
+        runs[p] = [float(r["loss"]) for r in _log(run_dir) if r["loss"]]
+        assert load_model(run_dir / "model.pt")[1]["provenance"]["gray_augment"] == p
+    assert all(np.isfinite(runs[0.0] + runs[1.0])) and runs[0.0][0] != runs[1.0][0]
+    with pytest.raises(UserError, match="--gray-augment 1.5"):
+        train(_cfg(pairs, tmp_path / "bad", iters=1, gray_augment=1.5))

@@ -57,6 +57,10 @@ def _model_options(f):
               help="Keep an exponential moving average of the generator weights with this "
                    "decay (e.g. 0.999, with a warm-up); validation, the best checkpoint and "
                    "model.pt use it. 0: off.")
+@click.option("--gray-augment", type=float, default=0.0, show_default=True, metavar="P",
+              help="With probability P map each training pair's gray levels by a random "
+                   "gain and offset (the same on LR and HR): robustness to scanners' "
+                   "windows and contrast. 0: off.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option("--val-every", type=int, default=None, help="Validation PSNR every N iterations.")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N iterations.")
@@ -75,10 +79,9 @@ def _model_options(f):
               help='JSON {"train": [scan ids], "val": [...], "test": [...]}.')
 @json_option
 @quiet_option
-def command(stage, data, out, arch, preset, iters, batch_size, lr, lr_step, init, pixel_loss, ema, resume,
-            val_every,
-            save_every, keep, workers, device, amp, seed, deterministic, vgg_weights,
-            split_file, as_json, quiet, **model_options) -> None:
+def command(stage, data, out, arch, preset, iters, batch_size, lr, lr_step, init, pixel_loss, ema,
+            gray_augment, resume, val_every, save_every, keep, workers, device, amp, seed,
+            deterministic, vgg_weights, split_file, as_json, quiet, **model_options) -> None:
     """Train a generator on LR/HR patch pairs (one stage per call)."""
     from ..train import TrainConfig, train
 
@@ -87,7 +90,7 @@ def command(stage, data, out, arch, preset, iters, batch_size, lr, lr_step, init
         data=list(data), out=out, stage=stage, arch=arch, preset=preset,
         model_overrides=overrides, iters=iters, batch_size=batch_size, lr=lr, lr_step=lr_step,
         init=init, ema=ema,
-        pixel_loss=pixel_loss,
+        pixel_loss=pixel_loss, gray_augment=gray_augment,
         resume=resume, val_every=val_every, save_every=save_every, keep=keep, workers=workers,
         device=device, amp=amp, seed=seed, deterministic=deterministic,
         vgg_weights=vgg_weights, split_file=split_file, quiet=quiet)

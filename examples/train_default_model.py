@@ -8,22 +8,26 @@ Stages (each skips work whose output exists, so the script can be re-run after a
             phantom`), with a random gray-level window per volume; the real LHDL bone volume
             is held out for test.
   simulate  one LR scan per (HR volume, scanner setting): training scans draw their setting at
-            random (views, photons, smoothing, filter, motion; three "first" settings and three
-            from a wider range per volume); held-out scans get the nominal
+            random (views, photons, smoothing, filter, motion; three "first" settings, three
+            from a wider range and one or two heavily smoothed ones per volume); held-out scans
+            get the nominal
             setting (225 views, Hamming, smoothing 0.5) plus off-nominal ones, some outside the
             training range, without motion so that `evaluate` compares aligned volumes.
   pair      `microct-sr pair` registers every LR scan to its HR volume and cuts patch pairs.
   train     `microct-sr train --stage psnr` (L1) on the "first" training scans (split by HR
             volume): the first default model.
   finetune  the same with `--pixel-loss mse`, initialised from it, on every training scan but
-            the magnified vertebrae: the second default model.
-  scaled    the same again, initialised from the second model, on every training scan
-            (weights/MODEL_CARD.md says which model is shipped and why).
+            the magnified vertebrae and the heavily smoothed scans: the second default model.
+  scaled    the same again, initialised from the second model, on every training scan but
+            the heavily smoothed ones: the third default model.
+  gray      the same again, initialised from the third model, on every training scan, with
+            gray-level augmentation (`train --gray-augment`) and an EMA of the weights: the
+            fourth (weights/MODEL_CARD.md says which model is shipped and why).
   evaluate  `microct-sr upscale` + `microct-sr evaluate` against bicubic on every held-out scan.
 
 Usage: python examples/train_default_model.py WORK_DIR
-       [--stages hr,simulate,pair,train,finetune,scaled,evaluate] [--iters N]
-       [--finetune-iters N] [--scaled-iters N]
+       [--stages hr,simulate,pair,train,finetune,scaled,gray,evaluate] [--iters N]
+       [--finetune-iters N] [--scaled-iters N] [--gray-iters N]
 """
 
 from __future__ import annotations
@@ -308,9 +312,12 @@ def pair_all(work: Path, scans: list[dict]) -> None:
 
 
 def train(work: Path, iters: int, preset: str, *, pixel_loss: str = "l1",
-          init: Path | None = None, split: str = "split_l1.json", name: str = "") -> Path:
+          init: Path | None = None, split: str = "split_l1.json", name: str = "",
+          extra: tuple[str, ...] = (), pick_best: bool = True) -> Path:
     """The L1 stage (the first default model: from scratch, lr 2e-4, the first settings only)
-    or, with ``init``, a fine-tuning stage (lr 1e-4) on the scans of ``split``."""
+    or, with ``init``, a fine-tuning stage (lr 1e-4) on the scans of ``split``; ``extra``
+    options go to `microct-sr train`. Returns the best validation checkpoint as a model file,
+    or with ``pick_best`` False the run's model.pt (an EMA run's final average)."""
     run_dir = work / f"run_{preset}{name}"
     cmd = ["microct-sr", "train", "--stage", "psnr", "--data", str(work / "pairs"),
            "--out", str(run_dir), "--arch", "r2rcan", "--preset", preset, "--iters", str(iters),
@@ -319,11 +326,18 @@ def train(work: Path, iters: int, preset: str, *, pixel_loss: str = "l1",
            "--split-file", str(work / split), "--workers", "1", "--seed", "0", "--json"]
     if init is not None:
         cmd += ["--init", str(init)]
+    cmd += list(extra)
     if (run_dir / "checkpoints").exists() and not (run_dir / "model.pt").exists():
         cmd.append("--resume")
     if not (run_dir / "model.pt").exists():
         run(cmd)
-    return export_best(run_dir)
+    return export_best(run_dir) if pick_best else run_dir / "model.pt"
+
+
+# The fourth model's stage: gray-level augmentation (the LHDL bone's marrow is darker than any
+# training volume's), a learning rate halved every 1,500 iterations and an EMA of the weights,
+# whose final average is the model (validation PSNR on the simulated scans is flat and noisy).
+GRAY_OPTIONS = ("--gray-augment", "0.5", "--ema", "0.999", "--lr-step", "1500")
 
 
 def export_best(run_dir: Path) -> Path:
@@ -429,12 +443,15 @@ def summarize(work: Path, rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path)
-    ap.add_argument("--stages", default="hr,simulate,pair,train,finetune,scaled,evaluate")
+    ap.add_argument("--stages",
+                    default="hr,simulate,pair,train,finetune,scaled,gray,evaluate")
     ap.add_argument("--iters", type=int, default=20000, help="L1 stage iterations")
     ap.add_argument("--finetune-iters", type=int, default=4000,
                     help="MSE fine-tuning iterations (on every training scan)")
     ap.add_argument("--scaled-iters", type=int, default=4000,
                     help="MSE fine-tuning iterations with the magnified vertebrae")
+    ap.add_argument("--gray-iters", type=int, default=4500,
+                    help="MSE fine-tuning iterations with gray-level augmentation")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--train-settings", type=int, default=3,
                     help="random scanner settings per training volume")
@@ -462,6 +479,10 @@ def main() -> None:
         model = train(args.work, args.scaled_iters, args.preset, pixel_loss="mse",
                       init=args.work / f"run_{args.preset}_mse" / "best.pt", split="split_scaled.json",
                       name="_scaled")
+    if "gray" in stages:
+        model = train(args.work, args.gray_iters, args.preset, pixel_loss="mse",
+                      init=args.work / f"run_{args.preset}_scaled" / "best.pt",
+                      split="split.json", name="_gray", extra=GRAY_OPTIONS, pick_best=False)
     if "evaluate" in stages:
         rows = evaluate(args.work, scans, model)
         print(summarize(args.work, rows))

@@ -106,3 +106,20 @@ def test_grown_model_computes_the_same_function_and_then_trains(tmp_path):
     assert all(g.conv.weight.grad.abs().sum() > 0 for g in new)
     with pytest.raises(ValueError, match="only add RCAB groups"):
         rec.grow_model(tmp_path / "src.pt", tmp_path / "less.pt", 1)
+
+
+def test_gray_stage_command_and_model(tmp_path, monkeypatch):
+    """The fourth model's stage passes gray augmentation, EMA and the lr step to `train`, on
+    every training scan (split.json), and returns the run's final (EMA) model.pt."""
+    rec = _recipe()
+    calls = []
+    monkeypatch.setattr(rec, "run", lambda cmd: calls.append(cmd) or "")
+    model = rec.train(tmp_path, 4500, "small", pixel_loss="mse", init=tmp_path / "third.pt",
+                      split="split.json", name="_gray", extra=rec.GRAY_OPTIONS, pick_best=False)
+    assert model == tmp_path / "run_small_gray" / "model.pt"
+    (cmd,) = calls
+    opts = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--") and not b.startswith("--")}
+    assert opts["--gray-augment"] == "0.5" and opts["--ema"] == "0.999"
+    assert opts["--lr-step"] == "1500" and opts["--pixel-loss"] == "mse"
+    assert opts["--split-file"] == str(tmp_path / "split.json")
+    assert opts["--init"] == str(tmp_path / "third.pt") and opts["--iters"] == "4500"

@@ -337,7 +337,7 @@ def train(work: Path, iters: int, preset: str, *, pixel_loss: str = "l1",
 # The fourth model's stage: gray-level augmentation (the LHDL bone's marrow is darker than any
 # training volume's), a learning rate halved every 1,500 iterations and an EMA of the weights,
 # whose final average is the model (validation PSNR on the simulated scans is flat and noisy).
-GRAY_OPTIONS = ("--gray-augment", "0.5", "--ema", "0.999", "--lr-step", "1500")
+GRAY_OPTIONS = ("--gray-augment", "1.0", "--ema", "0.999", "--lr-step", "1500")
 
 
 def export_best(run_dir: Path) -> Path:
@@ -386,11 +386,13 @@ def grow_model(src: Path, dst: Path, n_rcab_groups: int) -> Path:
 
 
 def evaluate(work: Path, scans: list[dict], model: Path) -> list[dict]:
+    """Upscale and score every held-out scan; SR volumes go to sr/<model's run folder>/, so a
+    re-run with another stage's model never reuses the last one's output."""
     rows = []
     for s in scans:
         if s["split"] != "test":
             continue
-        sr = work / "sr" / f"{s['scan_id']}.tif"
+        sr = work / "sr" / model.parent.name / f"{s['scan_id']}.tif"
         sr.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         if not sr.exists():

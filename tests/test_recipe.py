@@ -119,7 +119,7 @@ def test_gray_stage_command_and_model(tmp_path, monkeypatch):
     assert model == tmp_path / "run_small_gray" / "model.pt"
     (cmd,) = calls
     opts = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--") and not b.startswith("--")}
-    assert opts["--gray-augment"] == "0.5" and opts["--ema"] == "0.999"
+    assert opts["--gray-augment"] == "1.0" and opts["--ema"] == "0.999"
     assert opts["--lr-step"] == "1500" and opts["--pixel-loss"] == "mse"
     assert opts["--split-file"] == str(tmp_path / "split.json")
     assert opts["--init"] == str(tmp_path / "third.pt") and opts["--iters"] == "4500"

@@ -10,9 +10,9 @@ Stages (each skips work whose output exists, so the script can be re-run after a
   simulate  one LR scan per (HR volume, scanner setting): training scans draw their setting at
             random (views, photons, smoothing, filter, motion; three "first" settings, three
             from a wider range and one or two heavily smoothed ones per volume); held-out scans
-            get the nominal
-            setting (225 views, Hamming, smoothing 0.5) plus off-nominal ones, some outside the
-            training range, without motion so that `evaluate` compares aligned volumes.
+            get the nominal setting (225 views, Hamming, smoothing 0.5) plus off-nominal ones,
+            some outside the training range, without motion so that `evaluate` compares aligned
+            volumes.
   pair      `microct-sr pair` registers every LR scan to its HR volume and cuts patch pairs.
   train     `microct-sr train --stage psnr` (L1) on the "first" training scans (split by HR
             volume): the first default model.
@@ -110,7 +110,8 @@ def wide_setting(rng: random.Random) -> dict:
 def heavy_setting(rng: random.Random) -> dict:
     """A heavily smoothed training setting (the fourth model's data): Gaussian sigma 1.8-4.5 LR
     px, where the third model sharpened 1x vertebrae into bone that is not there (below
-    bicubic at sigma 2) because such scans were rare in the earlier draws."""
+    bicubic at sigma 2) and such scans were rare in the earlier draws. On their own they did
+    not fix that (weights/MODEL_CARD.md); they widen the range the model has seen."""
     filt = rng.choice(["hamming", "hann", "shepp-logan", "cosine", "ramp"])
     return {**acquisition(rng), "smoothing": round(rng.uniform(1.8, 4.5), 2), "filter": filt}
 
@@ -466,8 +467,8 @@ def main() -> None:
     stages = args.stages.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
     hrs = hr_volumes(args.work) if "hr" in stages or "simulate" in stages else {}
-    scans = (simulate_all(args.work, hrs, args.train_settings, args.wide_settings) if "simulate" in stages
-             else json.loads((args.work / "scans.json").read_text()))
+    scans = (simulate_all(args.work, hrs, args.train_settings, args.wide_settings)
+             if "simulate" in stages else json.loads((args.work / "scans.json").read_text()))
     if "pair" in stages:
         pair_all(args.work, scans)
     model = args.work / f"run_{args.preset}" / "best.pt"
@@ -479,8 +480,8 @@ def main() -> None:
                       name="_mse")
     if "scaled" in stages:
         model = train(args.work, args.scaled_iters, args.preset, pixel_loss="mse",
-                      init=args.work / f"run_{args.preset}_mse" / "best.pt", split="split_scaled.json",
-                      name="_scaled")
+                      init=args.work / f"run_{args.preset}_mse" / "best.pt",
+                      split="split_scaled.json", name="_scaled")
     if "gray" in stages:
         model = train(args.work, args.gray_iters, args.preset, pixel_loss="mse",
                       init=args.work / f"run_{args.preset}_scaled" / "best.pt",

@@ -91,8 +91,8 @@ def test_grown_model_computes_the_same_function_and_then_trains(tmp_path):
     config = preset("r2rcan", "tiny", n_rcab_groups=2, n_res2_groups=2)
     torch.manual_seed(3)
     src = build_model(config)
-    save_model(tmp_path / "src.pt", src, config, intensity={"window": [0.0, 255.0], "dtype": "uint8"},
-               provenance={"stage": "psnr"})
+    save_model(tmp_path / "src.pt", src, config,
+               intensity={"window": [0.0, 255.0], "dtype": "uint8"}, provenance={"stage": "psnr"})
     rec = _recipe()
     grown, ckpt = load_model(rec.grow_model(tmp_path / "src.pt", tmp_path / "big.pt", 5))
     assert ckpt["config"]["n_rcab_groups"] == 5 and len(grown.body) == len(src.body) + 3

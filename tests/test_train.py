@@ -422,13 +422,15 @@ def test_cli_runs_and_refuses_to_clobber(pairs, tmp_path, run_cli):
     assert sr.shape == (3, 32, 32) and sr.dtype == np.uint8
 
 
-def test_cli_lr_step_halves_the_learning_rate(pairs, tmp_path, run_cli):
+def test_cli_lr_step_and_gray_augment_reach_the_run(pairs, tmp_path, run_cli):
     r = run_cli("train", "--stage", "psnr", "--data", pairs[0], "--out", tmp_path / "run",
                 "--arch", "srcnn", "--preset", "tiny", "--iters", "5", "--batch-size", "2",
-                "--lr", "1e-3", "--lr-step", "2", "--workers", "0", "--quiet")
+                "--lr", "1e-3", "--lr-step", "2", "--gray-augment", "0.5", "--workers", "0",
+                "--quiet")
     assert r.exit_code == 0, r.stderr
     state = load_checkpoint(sorted((tmp_path / "run" / "checkpoints").glob("iter_*.pt"))[-1])
     assert state["train_state"]["train_config"]["lr_step"] == 2
+    assert state["train_state"]["train_config"]["gray_augment"] == 0.5
     # halved after iterations 2 and 4
     assert state["train_state"]["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)
     r = run_cli("train", "--stage", "psnr", "--data", pairs[0], "--out", tmp_path / "bad",

@@ -106,7 +106,8 @@ def resolve_vgg_weights(path: str | Path | None) -> Path:
             f"the gan stage needs torchvision's ImageNet VGG19 weights ({VGG19_FILE}) for the "
             f"perceptual loss: not in torchvision's cache {cached.parent} and the download from "
             f"{VGG19_URL} failed ({type(e).__name__}: {e}). Download that file on a machine "
-            f"with internet and pass --vgg-weights FILE, or put it in {cached.parent}") from e
+            f"with internet and pass --vgg-weights FILE, or put it in {cached.parent} (or "
+            f"train without the perceptual term: --percep-weight 0)") from e
     return cached
 
 

@@ -132,6 +132,9 @@ class TrainConfig:
         if c.pixel_loss not in PIXEL_LOSSES:
             raise UserError(f"unknown pixel loss {c.pixel_loss!r} "
                             f"(choose {', '.join(PIXEL_LOSSES)})")
+        if c.w_gan < 0 or c.w_percep < 0:
+            raise UserError(f"loss weights must be >= 0 (--gan-weight {c.w_gan:g}, "
+                            f"--percep-weight {c.w_percep:g})")
         if not 0 <= c.gray_augment <= 1:
             raise UserError(f"--gray-augment {c.gray_augment}: a probability in [0, 1]")
         if not 0 <= c.ema < 1:
@@ -325,7 +328,7 @@ class _Trainer:
         if not cfg.resume and (existing or (self.run_dir / MODEL_FILE).exists()):
             raise UserError("already holds a training run; pass --resume to continue it or "
                             "choose another --out", self.run_dir)
-        if cfg.stage == "gan":
+        if cfg.stage == "gan" and cfg.w_percep > 0:  # no perceptual term: no VGG19 needed
             self.vgg_path = (None if cfg.test_only_random_vgg  # checked before any work
                              else resolve_vgg_weights(cfg.vgg_weights))
         resume_ckpt = None
@@ -418,8 +421,10 @@ class _Trainer:
             torch.manual_seed(cfg.seed + 1)  # the same initial discriminator on every path
             self.disc = UNetDiscriminatorSN(self.model_config.out_channels,
                                             cfg.disc_feats).to(self.device).train()
-            self.perceptual = VGGPerceptualLoss(
-                self.vgg_path, test_only_random_weights=cfg.test_only_random_vgg).to(self.device)
+            if cfg.w_percep > 0:
+                self.perceptual = VGGPerceptualLoss(
+                    self.vgg_path,
+                    test_only_random_weights=cfg.test_only_random_vgg).to(self.device)
             self.opt_d = torch.optim.Adam(self.disc.parameters(), cfg.lr, betas=cfg.betas)
             self.sched_d = torch.optim.lr_scheduler.StepLR(self.opt_d, cfg.lr_step,
                                                            cfg.lr_gamma)
@@ -485,6 +490,8 @@ class _Trainer:
     def _provenance(self, iteration: int) -> dict:
         return {"stage": self.cfg.stage, "iterations": iteration, "data": self.cfg.data,
                 "pixel_loss": self.cfg.pixel_loss, "gray_augment": self.cfg.gray_augment,
+                **({"w_gan": self.cfg.w_gan, "w_percep": self.cfg.w_percep}
+                   if self.cfg.stage == "gan" else {}),
                 "preset": self.cfg.preset, "init": self.cfg.init, "split": self.split,
                 "best_val_psnr": self.best["psnr"], "best_iteration": self.best["iteration"],
                 **({"weights": "ema", "ema_decay": self.ema.decay,
@@ -539,9 +546,12 @@ class _Trainer:
                 fake = self.disc(sr).float()
                 with torch.no_grad():
                     real = self.disc(hr).float()
-                out["percep"] = self.perceptual(sr, hr).float()
+                if self.perceptual is not None:
+                    out["percep"] = self.perceptual(sr, hr).float()
             out["gan"] = ragan_g_loss(real, fake)
-            total = total + cfg.w_gan * out["gan"] + cfg.w_percep * out["percep"]
+            total = total + cfg.w_gan * out["gan"]
+            if self.perceptual is not None:
+                total = total + cfg.w_percep * out["percep"]
         out["loss"] = total
         if not self._all_finite(total):
             return None

@@ -375,6 +375,7 @@ def test_cli_errors(pairs, tmp_path, run_cli, monkeypatch):
     r = run_cli("train", "--stage", "gan", "--data", pairs[0], "--out", tmp_path / "o",
                 "--init", bad)
     assert r.exit_code == 2 and "VGG19" in r.stderr and "--vgg-weights" in r.stderr
+    assert "--percep-weight 0" in r.stderr
     assert not (tmp_path / "o").exists()  # stopped before any work
 
     vgg = tmp_path / "vgg19.pth"  # any file passes the existence check; --init is checked next
@@ -543,3 +544,28 @@ def test_gray_augment_changes_the_batches_and_is_recorded(pairs, tmp_path):
     assert all(np.isfinite(runs[0.0] + runs[1.0])) and runs[0.0][0] != runs[1.0][0]
     with pytest.raises(UserError, match="--gray-augment 1.5"):
         train(_cfg(pairs, tmp_path / "bad", iters=1, gray_augment=1.5))
+
+
+def test_gan_stage_without_perceptual_term_needs_no_vgg(pairs, tmp_path, run_cli, monkeypatch):
+    """--percep-weight 0: the gan stage runs where no VGG19 weights can be had (the loss is
+    L1 + w_gan RaGAN), logs no perceptual loss and records both weights; negative weights are
+    refused."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(losses, "_download_vgg", lambda dest: (_ for _ in ()).throw(
+        OSError("no internet")))
+    psnr = tmp_path / "psnr"
+    train(_cfg(pairs, psnr, arch="srcnn", iters=1))
+    args = ["train", "--stage", "gan", "--data", pairs[0], "--data", pairs[1], "--arch", "srcnn",
+            "--preset", "tiny", "--iters", "2", "--batch-size", "2", "--workers", "0",
+            "--init", psnr / "model.pt", "--quiet", "--percep-weight"]
+    r = run_cli(*args, "0", "--gan-weight", "0.2", "--out", tmp_path / "gan")
+    assert r.exit_code == 0, r.stderr
+    rows = [row for row in _log(tmp_path / "gan") if row["loss"]]
+    assert rows and all(row["percep"] == "" and float(row["gan"]) > 0 for row in rows)
+    for row in rows:  # the objective is exactly L1 + 0.2 L_G
+        assert float(row["loss"]) == pytest.approx(float(row["l1"]) + 0.2 * float(row["gan"]),
+                                                   rel=1e-5)
+    prov = load_model(tmp_path / "gan" / "model.pt")[1]["provenance"]
+    assert prov["w_percep"] == 0 and prov["w_gan"] == 0.2
+    r = run_cli(*args, "-1", "--out", tmp_path / "neg")
+    assert r.exit_code == 2 and "loss weights must be >= 0" in r.stderr

@@ -143,6 +143,22 @@ def sr_forward(model: nn.Module, x: torch.Tensor, *, precision: str,
     return y
 
 
+def self_ensemble(forward: Callable[[torch.Tensor], torch.Tensor],
+                  x: torch.Tensor) -> torch.Tensor:
+    """Geometric self-ensemble (EDSR, Lim et al. 2017, sec. 4.4; RCAN's "RCAN+"): the mean of
+    ``forward`` over the 8 rotations and flips of ``x`` (N, C, h, w), each mapped back. The
+    symmetries keep the SR grid (LR pixel i covers HR [8i, 8i+8)), as in training's
+    augmentation; the result is equivariant to them, at 8x the compute."""
+    acc = None
+    for k in range(4):
+        for flip in (False, True):
+            t = torch.rot90(x, k, (2, 3))
+            y = forward(t.flip(3) if flip else t)
+            y = torch.rot90(y.flip(3) if flip else y, -k, (2, 3))
+            acc = y if acc is None else acc + y
+    return acc / 8
+
+
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of length ``tile`` covering ``size`` with >= ``overlap``."""
     if size <= tile:
@@ -249,7 +265,7 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
                    tile: int = 0, tile_overlap: int = 16, device: str = "auto",
                    output_device: str = "cpu", precision: str = "auto",
                    channels_last: bool = True, quiet: bool = False,
-                   queue_size: int = 2) -> dict:
+                   queue_size: int = 2, ensemble: bool = False) -> dict:
     """Super-resolve every slice of ``volume`` into ``writer``, in order.
 
     volume: a :class:`~microct_sr.volume.Volume` (``.shape``, ``.dtype``, ``.read(z0, z1)``).
@@ -268,6 +284,8 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
         by benchmarks/upscale.py, 1.6-1.7x faster with oneDNN on a 2-core CPU; see
         docs/performance.md).
     queue_size: batches buffered between reader, compute and writer.
+    ensemble: average over the 8 rotations and flips (:func:`self_ensemble`; per tile when
+        tiled): about +0.1 dB on the default model's held-out scans, 8x the compute.
 
     Returns ``{"device", "precision", "batch_size", "window", "slices", "seconds",
     "slices_per_second", "compute_seconds", "fp16_fallbacks"}``.
@@ -286,8 +304,11 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
     model.to(device=dev, memory_format=fmt).eval()
     state = PrecisionState()
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def plain(x: torch.Tensor) -> torch.Tensor:
         return sr_forward(model, x.contiguous(memory_format=fmt), precision=prec, state=state)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return self_ensemble(plain, x) if ensemble else plain(x)
 
     nz = volume.shape[0]
     in_q: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -336,4 +357,5 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
     return {"device": str(dev), "precision": prec, "batch_size": batch_size,
             "window": [lo, hi], "slices": nz,
             "seconds": seconds, "slices_per_second": nz / seconds if seconds > 0 else None,
-            "compute_seconds": compute, "fp16_fallbacks": state.fallbacks}
+            "compute_seconds": compute, "fp16_fallbacks": state.fallbacks,
+            "self_ensemble": ensemble}

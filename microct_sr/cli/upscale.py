@@ -49,6 +49,9 @@ def _model_path(model: Path | None) -> Path:
               help="Tile side in LR pixels for slices too big for the device; 0 = whole slices.")
 @click.option("--tile-overlap", type=click.IntRange(min=0), default=16, show_default=True,
               help="Overlap between tiles in LR pixels (blended, not pasted).")
+@click.option("--self-ensemble", "ensemble", is_flag=True,
+              help="Average the network over the 8 rotations and flips of each slice: a "
+                   "little sharper and steadier (about +0.1 dB), 8x slower.")
 @click.option("--window", type=(float, float), default=None, metavar="LO HI",
               help="Input intensities mapped to the network's [0, 1] (default: the model's "
                    "training window).")
@@ -58,7 +61,7 @@ def _model_path(model: Path | None) -> Path:
 @json_option
 def command(input_path: Path, output_path: Path, model: Path | None, device: str,
             precision: str, batch_size: int | None, tile: int, tile_overlap: int,
-            window: tuple[float, float] | None, spacing_um, overwrite: bool, quiet: bool,
+            ensemble: bool, window: tuple[float, float] | None, spacing_um, overwrite: bool, quiet: bool,
             as_json: bool) -> None:
     """Super-resolve INPUT (any volume `info` reads) 8x in-plane into OUTPUT (.tif, .ome.tif,
     .nii.gz, .mha, .nrrd, or a folder for NRecon-style slices), in the input's dtype."""
@@ -81,7 +84,8 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
                             f"with {model_file.name}") as writer:
             stats = upscale_volume(vol, writer, net, intensity=ckpt["intensity"], window=window,
                                    batch_size=batch_size, tile=tile, tile_overlap=tile_overlap,
-                                   device=device, precision=precision, quiet=quiet)
+                                   device=device, precision=precision, quiet=quiet,
+                                   ensemble=ensemble)
         summary = {"input": str(input_path), "output": str(output_path),
                    "shape": list(shape),
                    "spacing_um": None if spacing is None else list(spacing),

@@ -6,7 +6,9 @@ Measures, in one run on this machine:
 - for the default CPU model (`small` preset) and the `paper` preset, random weights:
   slices/s, achieved GFLOP/s (the network's conv MACs x 2 / time) and its ratio to the peak,
   the same for the MACs actually executed (the paper upsampler's fused last stage does fewer,
-  see blocks.PixelShuffleUpsampler), peak RSS; `paper` also with the fusion off;
+  see blocks.PixelShuffleUpsampler), peak RSS; `paper` also with the fusion off; `small` also
+  with `--self-ensemble` (``ensemble_cost``: its time over the plain run's; its GFLOP figures
+  count one pass per slice);
 - the same model run by two peers implemented minimally here, on the same volume:
   (a) a Real-ESRGAN-style tile loop (one tile per forward, reflect-free zero-context pad of
       ``--re-pad`` LR px, crop, paste) and (b) MONAI `sliding_window_inference` semantics
@@ -189,7 +191,7 @@ def child(spec: dict) -> dict:
                                        precision=prec,
                                        tile=spec.get("ours_tile", 0), tile_overlap=16,
                                        channels_last=spec.get("channels_last", True),
-                                       quiet=True)
+                                       quiet=True, ensemble=spec.get("ensemble", False))
                 seconds = time.perf_counter() - t
             extra = {"compute_seconds": stats["compute_seconds"]}
         else:
@@ -302,6 +304,8 @@ def main() -> None:
         configs.append({**base, "method": "ours", "channels_last": True})
         if name == "small":  # the memory-format decision (NCHW vs channels_last)
             configs.append({**base, "method": "ours", "channels_last": False})
+            # what --self-ensemble costs (8 passes per slice)
+            configs.append({**base, "method": "ours", "channels_last": True, "ensemble": True})
         else:  # the fused upsampler's last stage against the plain layout
             configs.append({**base, "method": "ours", "channels_last": True, "fuse_last": False})
         if args.ours_tile:  # whole slices vs tiles for the same work
@@ -318,7 +322,9 @@ def main() -> None:
     for r in res["runs"]:
         ours = next(o for o in res["runs"] if o["preset"] == r["preset"]
                     and o["method"] == "ours" and o["channels_last"] and not o.get("ours_tile")
-                    and o.get("fuse_last", True))
+                    and o.get("fuse_last", True) and not o.get("ensemble"))
+        if r.get("ensemble"):  # > 1: how many times slower the self-ensemble is
+            r["ensemble_cost"] = r["seconds"] / ours["seconds"]
         if r["method"] != "ours" or r.get("fuse_last") is False:
             r["ours_speedup"] = r["seconds"] / ours["seconds"]
             r["ours_speedup_median"] = r["seconds_median"] / ours["seconds_median"]

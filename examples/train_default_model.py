@@ -374,15 +374,14 @@ def grow_model(src: Path, dst: Path, n_rcab_groups: int) -> Path:
     config = ModelConfig.from_dict(ckpt["config"])
     if config.arch != "r2rcan" or n_rcab_groups < config.n_rcab_groups:
         raise ValueError(f"{src}: can only add RCAB groups to an r2rcan model")
+    big_config = dataclasses.replace(config, n_rcab_groups=n_rcab_groups)
     torch.manual_seed(0)  # the new blocks' initial weights
-    big = build_model(dataclasses.replace(config, n_rcab_groups=n_rcab_groups))
+    big = build_model(big_config)
     big.load_state_dict({**big.state_dict(), **small.state_dict()})
     for group in list(big.body)[len(small.body):]:
         torch.nn.init.zeros_(group.conv.weight)
         torch.nn.init.zeros_(group.conv.bias)
-    return save_model(dst, big, ModelConfig.from_dict({**ckpt["config"],
-                                                       "n_rcab_groups": n_rcab_groups}),
-                      intensity=ckpt["intensity"],
+    return save_model(dst, big, big_config, intensity=ckpt["intensity"],
                       provenance={**ckpt["provenance"], "grown_from": str(src)})
 
 

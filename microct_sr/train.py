@@ -550,7 +550,7 @@ class _Trainer:
                     out["percep"] = self.perceptual(sr, hr).float()
             out["gan"] = ragan_g_loss(real, fake)
             total = total + cfg.w_gan * out["gan"]
-            if self.perceptual is not None:
+            if "percep" in out:
                 total = total + cfg.w_percep * out["percep"]
         out["loss"] = total
         if not self._all_finite(total):

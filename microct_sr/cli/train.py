@@ -97,9 +97,8 @@ def command(stage, data, out, arch, preset, iters, batch_size, lr, lr_step, init
         model_overrides=overrides, iters=iters, batch_size=batch_size, lr=lr, lr_step=lr_step,
         init=init, ema=ema, pixel_loss=pixel_loss, gray_augment=gray_augment, w_gan=gan_weight,
         w_percep=percep_weight, resume=resume, val_every=val_every, save_every=save_every,
-        keep=keep, workers=workers, device=device,
-        amp=amp, seed=seed, deterministic=deterministic, vgg_weights=vgg_weights,
-        split_file=split_file, quiet=quiet)
+        keep=keep, workers=workers, device=device, amp=amp, seed=seed,
+        deterministic=deterministic, vgg_weights=vgg_weights, split_file=split_file, quiet=quiet)
     summary = train(config)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return

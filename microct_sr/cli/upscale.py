@@ -61,8 +61,8 @@ def _model_path(model: Path | None) -> Path:
 @json_option
 def command(input_path: Path, output_path: Path, model: Path | None, device: str,
             precision: str, batch_size: int | None, tile: int, tile_overlap: int,
-            ensemble: bool, window: tuple[float, float] | None, spacing_um, overwrite: bool, quiet: bool,
-            as_json: bool) -> None:
+            ensemble: bool, window: tuple[float, float] | None, spacing_um, overwrite: bool,
+            quiet: bool, as_json: bool) -> None:
     """Super-resolve INPUT (any volume `info` reads) 8x in-plane into OUTPUT (.tif, .ome.tif,
     .nii.gz, .mha, .nrrd, or a folder for NRecon-style slices), in the input's dtype."""
     from .. import __version__

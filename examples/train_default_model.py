@@ -385,6 +385,29 @@ def grow_model(src: Path, dst: Path, n_rcab_groups: int) -> Path:
                       provenance={**ckpt["provenance"], "grown_from": str(src)})
 
 
+def add_refinement(src: Path, dst: Path) -> Path:
+    """``src`` (a "light" upsampler model) with the "refine" upsampler, computing the same
+    function: the light step keeps its weights and the refinement's last conv starts at zero."""
+    import dataclasses
+
+    import torch
+
+    from microct_sr.checkpoint import load_model, save_model
+    from microct_sr.models import ModelConfig, build_model
+
+    light, ckpt = load_model(src)
+    config = ModelConfig.from_dict(ckpt["config"])
+    if config.upsampler != "light":
+        raise ValueError(f"{src}: upsampler is {config.upsampler!r}, not 'light'")
+    refined_config = dataclasses.replace(config, upsampler="refine")
+    torch.manual_seed(0)  # the refinement's initial weights
+    refined = build_model(refined_config)
+    state = {k.replace("tail.", "tail.light.", 1): v for k, v in light.state_dict().items()}
+    refined.load_state_dict({**refined.state_dict(), **state})
+    return save_model(dst, refined, refined_config, intensity=ckpt["intensity"],
+                      provenance={**ckpt["provenance"], "refined_from": str(src)})
+
+
 def evaluate(work: Path, scans: list[dict], model: Path) -> list[dict]:
     """Upscale and score every held-out scan; SR volumes go to sr/<model's run folder>/, so a
     re-run with another stage's model never reuses the last one's output."""

@@ -12,6 +12,7 @@ from microct_sr.models.blocks import (
     ChannelAttention,
     LightUpsampler,
     PixelShuffleUpsampler,
+    RefineUpsampler,
     Res2Block,
     ResidualGroup,
     make_upsampler,
@@ -132,7 +133,8 @@ def test_res2_block_hierarchy_links_scales():
 
 
 @pytest.mark.parametrize("kind,cls", [("pixelshuffle", PixelShuffleUpsampler),
-                                      ("light", LightUpsampler)])
+                                      ("light", LightUpsampler),
+                                      ("refine", RefineUpsampler)])
 def test_make_upsampler_reusable(kind, cls):
     cfg = ModelConfig(n_feats=12, scale=8, out_channels=1, upsampler=kind)
     up = make_upsampler(cfg)
@@ -140,6 +142,30 @@ def test_make_upsampler_reusable(kind, cls):
     assert up(torch.rand(1, 12, 3, 4)).shape == (1, 1, 24, 32)
     with pytest.raises(ValueError, match="upsampler"):
         make_upsampler(ModelConfig(upsampler="bogus"))
+
+
+def test_refine_upsampler_starts_as_the_light_step_and_then_learns():
+    """Zero last conv: the refine tail equals its light step exactly; the zero conv still gets
+    a gradient (it sees the hint maps), and once it moves the output depends on neighbouring
+    LR pixels' features through the HR-size convs."""
+    torch.manual_seed(0)
+    up = RefineUpsampler(12, 8, 1)
+    f = torch.rand(2, 12, 5, 6)
+    assert torch.equal(up(f), up.light(f))
+    up(f).square().mean().backward()
+    assert up.refine[-1].weight.grad.abs().sum() > 0
+    assert up.hints[0].weight.grad is None or up.hints[0].weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        nn.init.normal_(up.refine[-1].weight, std=0.1)
+        base = up(f)
+        g = f.clone()
+        g[:, :, 2, 3] += 1.0  # one LR pixel's features
+        diff = (up(g) - base).abs()[0, 0]
+    # the light step alone changes only the 3x3 LR neighbourhood's blocks (rows 8..31,
+    # cols 16..39); the refinement's two HR-size 3x3 convs reach 2 HR pixels further
+    assert diff[8:32, 16:40].abs().sum() > 0
+    assert diff[6:8, 16:40].abs().sum() > 0 and diff[:6].abs().sum() == 0
+    assert not torch.equal(up(f), up.light(f))
 
 
 def test_presets_round_trip_through_dict():

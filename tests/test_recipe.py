@@ -108,6 +108,25 @@ def test_grown_model_computes_the_same_function_and_then_trains(tmp_path):
         rec.grow_model(tmp_path / "src.pt", tmp_path / "less.pt", 1)
 
 
+def test_add_refinement_keeps_the_function_and_makes_a_loadable_refine_model(tmp_path):
+    """The refine candidate starts from the light model's exact function; its saved config
+    names the refine upsampler, so `upscale --model` rebuilds it; a non-light model fails."""
+    config = preset("r2rcan", "tiny")
+    torch.manual_seed(4)
+    src = build_model(config)
+    save_model(tmp_path / "src.pt", src, config,
+               intensity={"window": [0.0, 255.0], "dtype": "uint8"}, provenance={"stage": "psnr"})
+    rec = _recipe()
+    refined, ckpt = load_model(rec.add_refinement(tmp_path / "src.pt", tmp_path / "ref.pt"))
+    assert ckpt["config"]["upsampler"] == "refine"
+    assert ckpt["provenance"]["refined_from"] == str(tmp_path / "src.pt")
+    x = torch.rand(2, 1, 10, 12)
+    with torch.no_grad():
+        assert torch.equal(src.eval()(x), refined.eval()(x))
+    with pytest.raises(ValueError, match="not 'light'"):
+        rec.add_refinement(tmp_path / "ref.pt", tmp_path / "again.pt")
+
+
 def test_gray_stage_command_and_model(tmp_path, monkeypatch):
     """The fourth model's stage passes gray augmentation, EMA and the lr step to `train`, on
     every training scan (split.json), and returns the run's final (EMA) model.pt."""

@@ -8,6 +8,7 @@ import os
 import click
 
 from ..models import ARCHS, ModelConfig
+from ..models.blocks import UPSAMPLERS
 from ._common import emit_json, json_option, quiet_option
 
 # ModelConfig fields a user may set on the command line (--n-feats, --n-rcabs, ...)
@@ -18,7 +19,7 @@ _PYTYPE = {"int": int, "float": float, "str": str}
 
 def _model_options(f):
     for fld in reversed(_MODEL_FIELDS):
-        kind = (click.Choice(["pixelshuffle", "light"]) if fld.name == "upsampler"
+        kind = (click.Choice(list(UPSAMPLERS)) if fld.name == "upsampler"
                 else _PYTYPE[fld.type])
         f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=kind,
                          default=None,

@@ -38,7 +38,8 @@ class ModelConfig:
     n_rrdb: int = 23
     growth: int = 32
     # "pixelshuffle": log2(scale) stages of conv3x3 (C -> 4C) + PixelShuffle(2) (the paper);
-    # "light": one conv3x3 (C -> scale^2 * out) + PixelShuffle(scale) at LR size (ESPCN-style)
+    # "light": one conv3x3 (C -> scale^2 * out) + PixelShuffle(scale) at LR size (ESPCN-style);
+    # "refine": light plus a small residual refinement at HR size (blocks.RefineUpsampler)
     upsampler: str = "pixelshuffle"
     extra: dict = field(default_factory=dict)
 

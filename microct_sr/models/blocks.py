@@ -214,16 +214,48 @@ class LightUpsampler(nn.Sequential):
         super().__init__(conv3x3(channels, out_channels * scale * scale), nn.PixelShuffle(scale))
 
 
+class RefineUpsampler(nn.Module):
+    """:class:`LightUpsampler` plus a small residual refinement at HR size, for CPU presets.
+
+    The light step maps each LR pixel's 3x3 feature neighbourhood linearly to its own 8x8 HR
+    block, so no nonlinearity ever sees two blocks at once. Here a second sub-pixel conv gives
+    ``hint`` HR-size feature maps, and conv3x3 -> LeakyReLU -> conv3x3 on [light output,
+    hints] adds a correction: y = y0 + R([y0, PS(conv(f))]). The last conv starts at zero, so a
+    light model's weights (``tail.0.*`` -> ``tail.light.0.*``) give the same function."""
+
+    def __init__(self, channels: int, scale: int, out_channels: int, hint: int = 4,
+                 hidden: int = 16):
+        super().__init__()
+        self.light = LightUpsampler(channels, scale, out_channels)
+        self.hints = nn.Sequential(conv3x3(channels, hint * scale * scale),
+                                   nn.PixelShuffle(scale))
+        self.refine = nn.Sequential(conv3x3(out_channels + hint, hidden),
+                                    nn.LeakyReLU(0.2, inplace=True),
+                                    conv3x3(hidden, out_channels))
+        nn.init.zeros_(self.refine[-1].weight)
+        nn.init.zeros_(self.refine[-1].bias)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        y0 = self.light(f)
+        return y0 + self.refine(torch.cat([y0, self.hints(f)], dim=1))
+
+
+UPSAMPLERS = ("pixelshuffle", "light", "refine")
+
+
 def make_upsampler(config) -> nn.Module:
     """Tail of a generator: (N, n_feats, h, w) -> (N, out_channels, scale*h, scale*w).
 
-    ``config.upsampler`` is "pixelshuffle" (the paper) or "light" (one LR-size sub-pixel conv).
+    ``config.upsampler`` is "pixelshuffle" (the paper), "light" (one LR-size sub-pixel conv)
+    or "refine" (light plus an HR-size residual refinement).
     """
     if config.upsampler == "pixelshuffle":
         return PixelShuffleUpsampler(config.n_feats, config.scale, config.out_channels)
     if config.upsampler == "light":
         return LightUpsampler(config.n_feats, config.scale, config.out_channels)
-    raise ValueError(f"unknown upsampler {config.upsampler!r}; choose 'pixelshuffle' or 'light'")
+    if config.upsampler == "refine":
+        return RefineUpsampler(config.n_feats, config.scale, config.out_channels)
+    raise ValueError(f"unknown upsampler {config.upsampler!r}; choose one of {UPSAMPLERS}")
 
 
 class LongSkipSR(nn.Module):

@@ -126,7 +126,8 @@ class TrainConfig:
             val_every=self.val_every or p["val_every"],
             save_every=self.save_every or p["save_every"],
             disc_feats=self.disc_feats or p["disc_feats"])
-        for name in ("iters", "batch_size", "val_every", "save_every", "keep", "lr_step"):
+        for name in ("iters", "batch_size", "val_every", "save_every", "keep", "lr_step",
+                     "disc_feats"):
             if getattr(c, name) < 1:
                 raise UserError(f"{name} must be at least 1")
         if c.pixel_loss not in PIXEL_LOSSES:

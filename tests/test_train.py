@@ -558,8 +558,11 @@ def test_gan_stage_without_perceptual_term_needs_no_vgg(pairs, tmp_path, run_cli
     args = ["train", "--stage", "gan", "--data", pairs[0], "--data", pairs[1], "--arch", "srcnn",
             "--preset", "tiny", "--iters", "2", "--batch-size", "2", "--workers", "0",
             "--init", psnr / "model.pt", "--quiet", "--percep-weight"]
-    r = run_cli(*args, "0", "--gan-weight", "0.2", "--out", tmp_path / "gan")
+    r = run_cli(*args, "0", "--gan-weight", "0.2", "--disc-feats", "4", "--out", tmp_path / "gan")
     assert r.exit_code == 0, r.stderr
+    (ckpt,) = sorted((tmp_path / "gan" / "checkpoints").glob("iter_*.pt"))
+    disc = torch.load(ckpt, weights_only=True)["train_state"]["discriminator"]
+    assert disc["conv0.weight"].shape[0] == 4  # --disc-feats sets the U-Net's width
     rows = [row for row in _log(tmp_path / "gan") if row["loss"]]
     assert rows and all(row["percep"] == "" and float(row["gan"]) > 0 for row in rows)
     for row in rows:  # the objective is exactly L1 + 0.2 L_G
@@ -569,3 +572,5 @@ def test_gan_stage_without_perceptual_term_needs_no_vgg(pairs, tmp_path, run_cli
     assert prov["w_percep"] == 0 and prov["w_gan"] == 0.2
     r = run_cli(*args, "-1", "--out", tmp_path / "neg")
     assert r.exit_code == 2 and "loss weights must be >= 0" in r.stderr
+    r = run_cli(*args, "0", "--disc-feats", "-2", "--out", tmp_path / "neg")
+    assert r.exit_code == 2 and "disc_feats must be at least 1" in r.stderr

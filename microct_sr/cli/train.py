@@ -67,6 +67,9 @@ def _model_options(f):
 @click.option("--percep-weight", type=float, default=0.5, show_default=True,
               help="gan stage: weight of the VGG19 perceptual loss (the paper: 0.5). 0 drops "
                    "the term and the need for VGG19 weights (not the paper's GAN stage).")
+@click.option("--disc-feats", type=int, default=None,
+              help="gan stage: the U-Net discriminator's first-level channels (default: the "
+                   "preset's; paper 64, small 32). Its cost grows with the square.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option("--val-every", type=int, default=None, help="Validation PSNR every N iterations.")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N iterations.")
@@ -86,7 +89,7 @@ def _model_options(f):
 @json_option
 @quiet_option
 def command(stage, data, out, arch, preset, iters, batch_size, lr, lr_step, init, pixel_loss, ema,
-            gray_augment, gan_weight, percep_weight, resume, val_every, save_every, keep, workers,
+            gray_augment, gan_weight, percep_weight, disc_feats, resume, val_every, save_every, keep, workers,
             device, amp, seed, deterministic, vgg_weights, split_file, as_json, quiet,
             **model_options) -> None:
     """Train a generator on LR/HR patch pairs (one stage per call)."""
@@ -97,7 +100,7 @@ def command(stage, data, out, arch, preset, iters, batch_size, lr, lr_step, init
         data=list(data), out=out, stage=stage, arch=arch, preset=preset,
         model_overrides=overrides, iters=iters, batch_size=batch_size, lr=lr, lr_step=lr_step,
         init=init, ema=ema, pixel_loss=pixel_loss, gray_augment=gray_augment, w_gan=gan_weight,
-        w_percep=percep_weight, resume=resume, val_every=val_every, save_every=save_every,
+        w_percep=percep_weight, disc_feats=disc_feats, resume=resume, val_every=val_every, save_every=save_every,
         keep=keep, workers=workers, device=device, amp=amp, seed=seed,
         deterministic=deterministic, vgg_weights=vgg_weights, split_file=split_file, quiet=quiet)
     summary = train(config)

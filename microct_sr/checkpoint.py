@@ -168,4 +168,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
     except (RuntimeError, ValueError, TypeError, ImportError) as e:
         raise UserError(f"weights do not fit the model config in the file: {_first_line(e)}",
                         path) from None
+    bad = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged run's weights: every output would be NaN (written as 0)
+        raise UserError(f"{len(bad)} weight tensor(s) hold NaN or Inf values (first: {bad[0]}); "
+                        "the run that wrote this file diverged", path)
     return model.to(device).eval(), ckpt

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tifffile
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .atomic import atomic_write
 from .errors import UserError
@@ -85,7 +85,7 @@ def read_pairs(dirs: Sequence[str | Path]) -> list[Pair]:
             rows = [Pair(folder, r["patch_id"], r["scan_id"]) for r in reader]
         if not rows:
             raise UserError("pairs.csv lists no patches (empty data folder)", csv_path)
-        for p in (rows[0], rows[-1]):
+        for p in rows:  # a moved or half-copied folder fails here, not hours into a run
             for f in (p.lr_path, p.hr_path):
                 if not f.is_file():
                     raise UserError(f"patch {p.patch_id} is listed in pairs.csv but missing", f)
@@ -182,6 +182,31 @@ def draw_gray(seed: int, probability: float) -> tuple[float, float] | None:
     return gain, float(rng.uniform(*GRAY_OFFSET))
 
 
+def _read_patch(path: Path) -> np.ndarray:
+    """A patch TIFF; UserError naming it if it is missing, truncated or not a TIFF."""
+    try:
+        return tifffile.imread(path)
+    except (OSError, ValueError) as e:  # tifffile.TiffFileError is a ValueError
+        raise UserError(f"cannot read this patch ({type(e).__name__}: {e})", path) from None
+
+
+def worker_batches(loader: DataLoader) -> Iterator:
+    """The batches of ``loader``. A UserError raised in a worker process comes back as
+    itself: torch re-raises it with the worker's whole traceback as its message."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UserError as e:
+            text = str(e).rstrip()
+            if not text.startswith("Caught UserError"):
+                raise
+            raise UserError(text.splitlines()[-1].split("UserError: ", 1)[-1]) from None
+        yield batch
+
+
 class PatchDataset(Dataset):
     """LR/HR pairs of the given scans as float32 tensors (1, h, w) / (1, f*h, f*w) in [0, 1]
     after the intensity ``window`` (lo, hi); items are indexed by ``i`` or ``(i, code)`` or
@@ -207,7 +232,7 @@ class PatchDataset(Dataset):
     def read_raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The stored LR and HR arrays of pair ``i`` (native dtype), shapes checked."""
         p = self.pairs[i]
-        lr, hr = tifffile.imread(p.lr_path), tifffile.imread(p.hr_path)
+        lr, hr = _read_patch(p.lr_path), _read_patch(p.hr_path)
         if lr.ndim != 2 or hr.shape != (lr.shape[0] * self.factor, lr.shape[1] * self.factor):
             raise UserError(f"HR patch {hr.shape} is not {self.factor}x the LR patch "
                             f"{lr.shape} (2D)", p.hr_path)

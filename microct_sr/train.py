@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint, load_model, save_model
 from .data import (SPLIT_FILE, IterationBatchSampler, PatchDataset, estimate_window, load_split,
-                   make_split, read_pairs, save_split)
+                   make_split, read_pairs, save_split, worker_batches)
 from .errors import UserError
 from .losses import (VGGPerceptualLoss, l1_loss, mse_loss, ragan_d_loss, ragan_g_loss,
                      resolve_vgg_weights)
@@ -121,11 +121,11 @@ class TrainConfig:
         p = TRAIN_PRESETS[self.preset]
         c = dataclasses.replace(
             self, data=[str(d) for d in self.data], out=str(self.out),
-            iters=self.iters or p[f"iters_{self.stage}"],
-            batch_size=self.batch_size or p["batch_size"],
-            val_every=self.val_every or p["val_every"],
-            save_every=self.save_every or p["save_every"],
-            disc_feats=self.disc_feats or p["disc_feats"])
+            iters=_or_preset(self.iters, p[f"iters_{self.stage}"]),
+            batch_size=_or_preset(self.batch_size, p["batch_size"]),
+            val_every=_or_preset(self.val_every, p["val_every"]),
+            save_every=_or_preset(self.save_every, p["save_every"]),
+            disc_feats=_or_preset(self.disc_feats, p["disc_feats"]))
         for name in ("iters", "batch_size", "val_every", "save_every", "keep", "lr_step",
                      "disc_feats"):
             if getattr(c, name) < 1:
@@ -133,7 +133,9 @@ class TrainConfig:
         if c.pixel_loss not in PIXEL_LOSSES:
             raise UserError(f"unknown pixel loss {c.pixel_loss!r} "
                             f"(choose {', '.join(PIXEL_LOSSES)})")
-        if c.w_gan < 0 or c.w_percep < 0:
+        if not (math.isfinite(c.lr) and c.lr > 0):
+            raise UserError(f"--lr {c.lr}: the learning rate must be a positive number")
+        if not (c.w_gan >= 0 and c.w_percep >= 0 and math.isfinite(c.w_gan + c.w_percep)):
             raise UserError(f"loss weights must be >= 0 (--gan-weight {c.w_gan:g}, "
                             f"--percep-weight {c.w_percep:g})")
         if not 0 <= c.gray_augment <= 1:
@@ -142,6 +144,11 @@ class TrainConfig:
             raise UserError(f"--ema {c.ema}: the decay must be in [0, 1) (0 turns EMA off; "
                             "typical 0.999)")
         return c
+
+
+def _or_preset(value: int | None, default: int) -> int:
+    """An option's value, or the preset's when it was not given (0 stays 0 and is refused)."""
+    return default if value is None else value
 
 
 class WeightEMA:
@@ -616,7 +623,7 @@ class _Trainer:
         t_start, wait_total, last_val = time.perf_counter(), 0.0, (None, None)
         it = self.start
         t_fetch = time.perf_counter()
-        for lr, hr in self._loader():
+        for lr, hr in worker_batches(self._loader()):
             t_got = time.perf_counter()
             lr = lr.to(self.device, non_blocking=True)
             hr = hr.to(self.device, non_blocking=True)

@@ -133,6 +133,15 @@ def test_weights_not_matching_config(tiny_file, tmp_path):
     _expect_user_error(tmp_path / "mismatch.pt", "do not fit")
 
 
+def test_non_finite_weights_are_refused(tiny_file, tmp_path):
+    """A diverged run's weights would write an all-zero volume with exit 0: refused by name."""
+    ckpt = torch.load(tiny_file, weights_only=True)
+    name = next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    ckpt["state_dict"][name][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    _expect_user_error(tmp_path / "nan.pt", rf"hold NaN or Inf values \(first: {name}\)")
+
+
 def test_missing_intensity(tiny_file, tmp_path):
     ckpt = torch.load(tiny_file, weights_only=True)
     del ckpt["intensity"]

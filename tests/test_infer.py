@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ class ArrayVolume:
     def __init__(self, array: np.ndarray, fail_at: int | None = None):
         self.array, self.fail_at = array, fail_at
         self.shape, self.dtype, self.spacing_um = array.shape, array.dtype, (80.0, 80.0, 80.0)
+        self.path = "memory.tif"
         self.reads: list[tuple[int, int]] = []
 
     def read(self, z0: int, z1: int) -> np.ndarray:
@@ -220,6 +222,36 @@ def test_reader_error_propagates():
         upscale_volume(ArrayVolume(lr_volume(np.uint8, z=8), fail_at=4), CollectingWriter(),
                        tiny_model(), intensity={"window": [0, 255], "dtype": "uint8"},
                        batch_size=2, device="cpu", quiet=True)
+
+
+def test_non_finite_input_slice_is_a_user_error_naming_the_volume_and_slice():
+    """One NaN voxel would turn its whole output slice into NaN (written as 0): refused,
+    naming the first bad slice, and nothing after it is computed or written."""
+    vol = lr_volume(np.uint8, z=8).astype(np.float32)
+    vol[5, 3, 4] = np.nan
+    writer = CollectingWriter()
+    with pytest.raises(UserError, match=r"memory\.tif: slice 5 holds NaN or Inf"):
+        upscale_volume(ArrayVolume(vol), writer, NearestX8(),
+                       intensity={"window": [0, 255], "dtype": "float32"}, batch_size=2,
+                       device="cpu", quiet=True)
+    assert sum(len(p) for p in writer.parts) <= 4
+    vol[5, 3, 4] = np.inf
+    with pytest.raises(UserError, match="slice 5"):
+        run(vol, NearestX8(), batch_size=3)
+    vol[5, 3, 4] = 7.0
+    out, _ = run(vol, NearestX8(), batch_size=3)
+    assert np.isfinite(out).all()
+
+
+def test_upscale_cli_refuses_nan_input_and_leaves_no_output(tmp_path, run_cli):
+    vol = lr_volume(np.uint8, z=4, y=16, x=16).astype(np.float32)
+    vol[2, 0, 0] = np.nan
+    src, dst = tmp_path / "lr.tif", tmp_path / "out" / "sr.tif"
+    dst.parent.mkdir()
+    tifffile.imwrite(src, vol, photometric="minisblack")
+    r = run_cli("upscale", src, dst, "--window", "0", "255", "--quiet")
+    assert r.exit_code == 2 and str(src) in r.stderr and "slice 2" in r.stderr
+    assert list(dst.parent.iterdir()) == []  # no output, no temporary file
 
 
 def test_writer_error_propagates():

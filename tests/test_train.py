@@ -546,6 +546,39 @@ def test_gray_augment_changes_the_batches_and_is_recorded(pairs, tmp_path):
         train(_cfg(pairs, tmp_path / "bad", iters=1, gray_augment=1.5))
 
 
+@pytest.mark.parametrize("option,value,message", [("--iters", "0", "iters must be at least 1"),
+                                                   ("--lr", "nan", "--lr nan"),
+                                                   ("--lr", "-1", "--lr -1.0"),
+                                                   ("--gan-weight", "nan", "loss weights")])
+def test_bad_numbers_are_refused_before_any_work(pairs, tmp_path, run_cli, option, value,
+                                                message):
+    """0 iterations is not "the preset's", a NaN or negative learning rate is not a rate."""
+    r = run_cli("train", "--stage", "psnr", "--data", pairs[0], "--out", tmp_path / "o",
+                "--preset", "tiny", "--workers", "0", "--quiet", option, value)
+    assert r.exit_code == 2 and message in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_or_corrupt_patch_is_named(pairs, tmp_path, run_cli):
+    """A patch missing anywhere in pairs.csv is found before training; a corrupt one read in
+    a loader worker process comes back as one line naming the file."""
+    data = tmp_path / "data"
+    shutil.copytree(pairs[0], data)
+    rows = list(csv.DictReader(open(data / "pairs.csv", newline="")))
+    middle = data / "hr" / f"{rows[len(rows) // 2]['patch_id']}.tif"
+    assert middle.is_file()
+    middle.rename(tmp_path / "moved.tif")
+    r = run_cli("train", "--stage", "psnr", "--data", data, "--out", tmp_path / "o",
+                "--preset", "tiny", "--workers", "0", "--quiet")
+    assert r.exit_code == 2 and f"{middle}: patch" in r.stderr and "missing" in r.stderr
+    middle.write_bytes(b"not a TIFF at all")
+    r = run_cli("train", "--stage", "psnr", "--data", data, "--out", tmp_path / "o2",
+                "--preset", "tiny", "--iters", "30", "--batch-size", "4", "--workers", "1",
+                "--quiet")
+    assert r.exit_code == 2 and f"{middle}: cannot read this patch" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_gan_stage_without_perceptual_term_needs_no_vgg(pairs, tmp_path, run_cli, monkeypatch):
     """--percep-weight 0: the gan stage runs where no VGG19 weights can be had (the loss is
     L1 + w_gan RaGAN), logs no perceptual loss and records both weights; negative weights are

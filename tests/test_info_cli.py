@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+from test_upscale_cli import make_model
+from test_volume import _dicom_series, _mha_with
 
 from microct_sr.volume import write_volume
 
@@ -27,11 +29,12 @@ def test_info_json_keys_and_values(tmp_path, run_cli):
     write_volume(tmp_path / "v.tif", a, SPACING)
     d = _json(run_cli("info", tmp_path / "v.tif", "--json"))
     assert set(d) == {"path", "format", "shape", "dtype", "spacing_um", "spacing_source",
-                      "value_range"}
+                      "value_range", "non_finite_voxels"}
     assert d["format"] == "tiff" and d["shape"] == [4, 6, 8] and d["dtype"] == "uint16"
     assert d["spacing_um"] == pytest.approx(list(SPACING))
     assert d["spacing_source"] == "tiff-imagej"
     assert d["value_range"] == [0, int(a.max())]  # first, middle and last slice sampled
+    assert d["non_finite_voxels"] == 0
 
 
 def test_info_human_output(tmp_path, run_cli):
@@ -144,6 +147,27 @@ def _bad_truncated_nifti(tmp: Path):
     return tmp / "t.nii.gz", "t.nii.gz"
 
 
+def _bad_zero_size(dims: str):
+    """A case maker: an MHA whose header says ``DimSize = dims`` (x y z) with a zero in it."""
+    return lambda tmp: (_mha_with(tmp, "e.mha", "DimSize", dims), "e.mha")
+
+
+def _bad_bool_tiff(tmp: Path):
+    tifffile.imwrite(tmp / "b.tif", np.zeros((4, 8, 8), bool))
+    return tmp / "b.tif", "b.tif"
+
+
+def _bad_dicom_sizes(tmp: Path):
+    _dicom_series(tmp / "d", [np.zeros((8, 8), np.int16)] * 2 + [np.zeros((6, 6), np.int16)])
+    return tmp / "d", "slice002.dcm"
+
+
+def _bad_dicom_truncated(tmp: Path):
+    files = _dicom_series(tmp / "d", [np.zeros((8, 8), np.int16)] * 4)
+    files[1].write_bytes(files[1].read_bytes()[:-100])
+    return tmp / "d", "slice001.dcm"
+
+
 def _bad_log_binary(tmp: Path):
     write_volume(tmp / "scan", np.zeros((2, 4, 4), np.uint8), SPACING)
     (tmp / "scan" / "scan_rec.log").write_bytes(b"\x00\x01\x02garbage\xff" * 20)
@@ -170,6 +194,11 @@ BAD_INPUTS = {
     "truncated TIFF": (_bad_truncated_tiff, "truncated"),
     "truncated BMP slice": (_bad_truncated_bmp, "truncated"),
     "truncated NIfTI": (_bad_truncated_nifti, "truncated"),
+    "zero-size z in the header": (_bad_zero_size("8 8 0"), "zero-size"),
+    "zero-size x in the header": (_bad_zero_size("0 8 4"), "zero-size"),
+    "bool TIFF": (_bad_bool_tiff, "voxel type bool"),
+    "DICOM slices of different sizes": (_bad_dicom_sizes, "size 6x6"),
+    "truncated DICOM slice": (_bad_dicom_truncated, "no series"),
     "binary log": (_bad_log_binary, "unreadable NRecon log"),
     "log without sections": (_bad_log_no_sections, "unreadable NRecon log"),
 }
@@ -186,6 +215,50 @@ def test_bad_input_exit_2_one_line_naming_file(tmp_path, run_cli, case):
     assert "Traceback" not in r.stderr
     assert len(errors) == 1, r.stderr
     assert name in errors[0] and problem in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("case", ["zero-size z in the header", "bool TIFF"])
+def test_upscale_refuses_bad_input_before_any_work(tmp_path, run_cli, case):
+    path, name = BAD_INPUTS[case][0](tmp_path)
+    model = make_model(tmp_path / "m.pt")
+    r = run_cli("upscale", path, tmp_path / "o.tif", "--model", model, "--quiet")
+    assert r.exit_code == 2 and name in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".", "o."))]
+
+
+def test_negative_spacing_same_in_info_and_upscale(tmp_path, run_cli):
+    p = _mha_with(tmp_path, "nsp.mha", "ElementSpacing", "-0.08 0.08 0.08")
+    r = run_cli("info", p, "--json")
+    assert _json(r)["spacing_um"] == [80.0, 80.0, 80.0] and "negative voxel size" in r.stderr
+    model = make_model(tmp_path / "m.pt")
+    for out in ("o.tif", "o.nrrd"):
+        r = run_cli("upscale", p, tmp_path / out, "--model", model, "--quiet", "--json")
+        assert _json(r)["spacing_um"] == [80.0, 10.0, 10.0]
+
+
+def test_all_nan_volume_gives_valid_json(tmp_path, run_cli):
+    a = np.full((3, 4, 4), np.nan, np.float32)
+    tifffile.imwrite(tmp_path / "nan.tif", a, photometric="minisblack")
+    r = run_cli("info", tmp_path / "nan.tif", "--json")
+    assert "NaN" not in r.stdout
+    d = _json(r)
+    assert d["value_range"] is None and d["non_finite_voxels"] == a.size
+    a[1, 0, 0], a[2, 1, 1] = 2.5, np.inf  # middle slice sampled: range over finite values
+    tifffile.imwrite(tmp_path / "nan.tif", a, photometric="minisblack")
+    d = _json(run_cli("info", tmp_path / "nan.tif", "--json"))
+    assert d["value_range"] == [2.5, 2.5] and d["non_finite_voxels"] == a.size - 1
+    r = run_cli("info", tmp_path / "nan.tif")
+    assert "2.5 .. 2.5" in r.stdout and f"{a.size - 1} NaN/inf voxels" in r.stdout
+
+
+def test_2d_nifti_z_spacing_is_not_made_up(tmp_path, run_cli):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.zeros((6, 8), np.uint8))
+    img.SetSpacing((0.08, 0.08))
+    sitk.WriteImage(img, str(tmp_path / "two.nii"))
+    d = _json(run_cli("info", tmp_path / "two.nii", "--json"))
+    assert d["shape"] == [1, 6, 8] and d["spacing_um"] == [80.0, 80.0, 80.0]  # not 1000
 
 
 def test_debug_shows_traceback_for_user_error(tmp_path):

@@ -8,7 +8,8 @@ import click
 
 from ._common import emit_json, json_option, spacing_option
 
-JSON_KEYS = ("path", "format", "shape", "dtype", "spacing_um", "spacing_source", "value_range")
+JSON_KEYS = ("path", "format", "shape", "dtype", "spacing_um", "spacing_source", "value_range",
+             "non_finite_voxels")
 
 
 @click.command("info")
@@ -36,9 +37,17 @@ def command(path: Path, spacing_um: tuple[float, float, float] | None, as_json: 
         ("format", info["format"]),
         ("shape (z, y, x)", " x ".join(str(n) for n in info["shape"])),
         ("dtype", info["dtype"]),
-        ("value range", f"{info['value_range'][0]} .. {info['value_range'][1]}  "
-                        f"(slices {', '.join(map(str, info['value_range_slices']))})"),
+        ("value range", _value_range(info)),
         ("spacing (z, y, x)", spacing),
     ]
     for key, value in lines:
         click.echo(f"{key + ':':<19}{value}")
+
+
+def _value_range(info: dict) -> str:
+    """``lo .. hi  (slices a, b, c)``, with the NaN/inf count when there are any."""
+    vr = info["value_range"]
+    text = "no finite value" if vr is None else f"{vr[0]} .. {vr[1]}"
+    text += f"  (slices {', '.join(map(str, info['value_range_slices']))}"
+    bad = info["non_finite_voxels"]
+    return text + (f"; {bad} NaN/inf voxels)" if bad else ")")

@@ -187,17 +187,26 @@ def write_volume(path: str | Path, array: np.ndarray, spacing_um: Spacing | None
 
 def describe(vol: Volume, samples: int = 3) -> dict:
     """What ``microct-sr info`` prints: path, format, shape, dtype, spacing and its source, and
-    the value range over ``samples`` evenly spaced slices (first, middle, last)."""
+    the value range over ``samples`` evenly spaced slices (first, middle, last). The range is
+    over their finite values (None when there is none, e.g. an all-NaN volume), so it is valid
+    JSON; ``non_finite_voxels`` counts their NaN and infinite voxels."""
     n = len(vol)
     zs = sorted({round(i * (n - 1) / max(1, samples - 1)) for i in range(samples)})
     lo = hi = None
+    non_finite = 0
     for z in zs:
         s = vol[z]
-        lo = s.min() if lo is None else min(lo, s.min())
-        hi = s.max() if hi is None else max(hi, s.max())
+        if s.dtype.kind == "f":
+            finite = np.isfinite(s)
+            non_finite += int(s.size - np.count_nonzero(finite))
+            s = s[finite]
+        if s.size:
+            lo = s.min() if lo is None else min(lo, s.min())
+            hi = s.max() if hi is None else max(hi, s.max())
     cast = float if vol.dtype.kind == "f" else int
     return {"path": str(vol.path), "format": vol.format, "shape": list(vol.shape),
             "dtype": vol.dtype.name,
             "spacing_um": None if vol.spacing_um is None else list(vol.spacing_um),
             "spacing_source": vol.spacing_source,
-            "value_range": [cast(lo), cast(hi)], "value_range_slices": zs}
+            "value_range": None if lo is None else [cast(lo), cast(hi)],
+            "value_range_slices": zs, "non_finite_voxels": non_finite}

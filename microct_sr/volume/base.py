@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +23,8 @@ OME_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.btf")
 IMAGE_SUFFIXES = nrecon.SLICE_EXTENSIONS
 TMP_PREFIX = ".microct-sr-tmp-"
 IMAGEJ_DTYPES = ("uint8", "uint16", "int16", "float32")
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,11 +54,72 @@ def to_dtype(x: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Checks every reader shares
+# --------------------------------------------------------------------------------------------
+
+def checked_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``shape`` as ints; UserError naming ``path`` when a dimension is zero (e.g. an MHA with
+    ``DimSize = 32 32 0``): there is nothing to read."""
+    out = tuple(int(s) for s in shape)
+    if min(out) < 1:
+        raise UserError(f"empty volume: shape (z, y, x) {out} has a zero-size dimension", path)
+    return out  # type: ignore[return-value]
+
+
+def checked_dtype(path: Path, dtype: Any) -> np.dtype:
+    """``dtype`` when it is an integer or floating-point type; UserError naming ``path`` and
+    the type otherwise. A bool volume (a binary mask) is refused rather than read as 0/1 uint8:
+    the network's intensity window would turn it into a black image, silently."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "uif":
+        raise UserError(f"unsupported voxel type {dtype.name}; expected integer or "
+                        "floating-point grayscale (save a mask as uint8 0/255)", path)
+    return dtype
+
+
+def checked_spacing(path: Path, spacing_um: Any) -> Spacing | None:
+    """The file's (z, y, x) voxel size made usable, with a warning naming ``path`` when changed.
+
+    A negative size is taken as its absolute value: the voxels are read in file order and the
+    axis direction belongs in the direction matrix (MHA ``TransformMatrix``, NIfTI qform), so
+    the sign says nothing about the size. A zero or non-finite size is no voxel size: the
+    spacing is unknown (None), as for a file without one."""
+    if spacing_um is None:
+        return None
+    sp = tuple(float(s) for s in spacing_um)
+    if not all(math.isfinite(s) and s != 0 for s in sp):
+        log.warning("%s: voxel size (z, y, x) %s um is zero or not finite; ignored", path, sp)
+        return None
+    if any(s < 0 for s in sp):
+        log.warning("%s: negative voxel size (z, y, x) %s um in the file; using its absolute "
+                    "value (the axis direction is not part of the voxel size)", path, sp)
+    return tuple(abs(s) for s in sp)  # type: ignore[return-value]
+
+
+def check_same_headers(files: list[Path],
+                       probe: Callable[[Path], tuple[tuple[int, int], str]]
+                       ) -> tuple[tuple[int, int], str]:
+    """All slice files agree with the first on ``probe(file)`` = ((y, x), dtype); returns them.
+    UserError names the odd file (slice folders, DICOM series)."""
+    first_shape, first_dtype = probe(files[0])
+    for f in files[1:]:
+        shape, dtype = probe(f)
+        if shape != first_shape:
+            raise UserError(f"slice size {shape[1]}x{shape[0]} differs from the first slice "
+                            f"{files[0].name} ({first_shape[1]}x{first_shape[0]})", f)
+        if dtype != first_dtype:
+            raise UserError(f"slice dtype {dtype} differs from the first slice {files[0].name} "
+                            f"({first_dtype})", f)
+    return tuple(first_shape), first_dtype  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
 # Volume
 # --------------------------------------------------------------------------------------------
 
 class Volume:
-    """A lazy (z, y, x) volume: metadata up front, slices read on demand."""
+    """A lazy (z, y, x) volume: metadata up front, slices read on demand. Every reader passes
+    :func:`checked_shape`, :func:`checked_dtype` and :func:`checked_spacing` on opening."""
 
     format: str = "unknown"
 
@@ -61,10 +127,10 @@ class Volume:
                  spacing_um: Spacing | None, spacing_source: str,
                  metadata: dict | None = None):
         self.path = Path(path)
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = np.dtype(dtype)
-        self.spacing_um = None if spacing_um is None else tuple(float(s) for s in spacing_um)
-        self.spacing_source = spacing_source if spacing_um is not None else "unknown"
+        self.shape = checked_shape(self.path, shape)
+        self.dtype = checked_dtype(self.path, dtype)
+        self.spacing_um = checked_spacing(self.path, spacing_um)
+        self.spacing_source = spacing_source if self.spacing_um is not None else "unknown"
         self.metadata = metadata or {}
 
     # subclasses implement _read(z0, z1) -> (z1 - z0, y, x)

@@ -7,19 +7,55 @@ from __future__ import annotations
 
 import logging
 import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
-from .base import Spacing, Volume
+from .base import SITK_SUFFIXES, Spacing, Volume, check_same_headers
 from .writer import VolumeWriter
 
 log = logging.getLogger(__name__)
 
+# ITK picks its reader/writer from the suffix, case-sensitively for some formats (x.MHA is
+# "unknown", x.NII.GZ a "bad NIfTI file name"): we name the ImageIO ourselves.
+_IMAGE_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".mha": "MetaImageIO",
+             ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+             ".dcm": "GDCMImageIO"}
+# What a MetaImage writer may put beside its header when the data go to a separate file.
+_COMPANIONS = (".mhd", ".raw", ".zraw")
 
-def _sitk_dtype(reader: Any) -> np.dtype:
+
+def sitk_suffix(path: Path) -> str:
+    """The SimpleITK suffix of ``path`` in lower case (``.nii.gz`` for ``X.NII.GZ``), or ""."""
+    name = path.name.lower()
+    return max((s for s in SITK_SUFFIXES if name.endswith(s)), key=len, default="")
+
+
+@contextmanager
+def _itk_name(path: Path) -> Iterator[str]:
+    """A file name SimpleITK reads ``path`` by: the path itself, or for a NIfTI file whose
+    suffix is not lower case (``x.Nii``, ``x.NII.GZ``) a lower-case symlink to it in a
+    temporary folder, since the NIfTI library refuses such names whatever ImageIO is set."""
+    suffix = sitk_suffix(path)
+    if suffix not in (".nii", ".nii.gz") or path.name.endswith(suffix):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="microct-sr-") as tmp:
+        link = Path(tmp) / f"volume{suffix}"
+        try:
+            link.symlink_to(path.resolve())
+        except OSError as e:
+            raise UserError(f"cannot read a NIfTI file with a mixed-case suffix here ({e}); "
+                            f"rename it to end in {suffix}", path) from None
+        yield str(link)
+
+
+def _sitk_dtype(reader: Any, path: Path) -> np.dtype:
     import SimpleITK as sitk
 
     table = {sitk.sitkUInt8: np.uint8, sitk.sitkInt8: np.int8, sitk.sitkUInt16: np.uint16,
@@ -28,8 +64,8 @@ def _sitk_dtype(reader: Any) -> np.dtype:
              sitk.sitkFloat64: np.float64}
     pid = reader.GetPixelID()
     if pid not in table:
-        raise UserError(f"unsupported pixel type {reader.GetPixelIDTypeAsString()} "
-                        "(expected a scalar grayscale image)", reader.GetFileName())
+        raise UserError(f"unsupported pixel type {sitk.GetPixelIDValueAsString(pid)} "
+                        "(expected a scalar grayscale image)", path)
     return np.dtype(table[pid])
 
 
@@ -42,9 +78,11 @@ class SitkVolume(Volume):
         import SimpleITK as sitk
 
         reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
+        reader.SetImageIO(_IMAGE_IO.get(sitk_suffix(path), ""))
         try:
-            reader.ReadImageInformation()
+            with _itk_name(path) as name:
+                reader.SetFileName(name)
+                reader.ReadImageInformation()
         except RuntimeError as e:
             raise UserError(f"SimpleITK cannot read it ({_first_line(e)})", path) from None
         size = reader.GetSize()
@@ -55,7 +93,7 @@ class SitkVolume(Volume):
             size = (*size, 1)
         if len(size) != 3:
             raise UserError(f"{len(size)}D image; expected 3D", path)
-        dtype = _sitk_dtype(reader)
+        dtype = _sitk_dtype(reader, path)
         spacing = _sitk_spacing(path, reader.GetSpacing())
         self._reader = reader
         self._array: np.ndarray | None = None
@@ -66,10 +104,12 @@ class SitkVolume(Volume):
         if self._array is None:
             import SimpleITK as sitk
 
-            if self.path.name.lower().endswith((".nii", ".nii.gz")):
+            if sitk_suffix(self.path) in (".nii", ".nii.gz"):
                 _check_nifti_complete(self.path, int(np.prod(self.shape)) * self.dtype.itemsize)
             try:
-                img = self._reader.Execute()
+                with _itk_name(self.path) as name:
+                    self._reader.SetFileName(name)
+                    img = self._reader.Execute()
             except RuntimeError as e:
                 raise UserError(f"corrupt or truncated ({_first_line(e)})", self.path) from None
             self._array = sitk.GetArrayFromImage(img).reshape(self.shape)
@@ -122,22 +162,26 @@ def _first_line(e: Exception) -> str:
 
 def _sitk_spacing(path: Path, spacing_mm: tuple[float, ...]) -> Spacing | None:
     """(z, y, x) um from the header; None when the header has no spacing field (NRRD without
-    ``spacings``/``space directions``, MHA without ElementSpacing) or NIfTI's 1 mm default."""
-    sp = list(spacing_mm) + [1.0] * (3 - len(spacing_mm))
-    name = path.name.lower()
+    ``spacings``/``space directions``, MHA without ElementSpacing) or NIfTI's 1 mm default.
+    A 2D image has no z spacing: z = x, as for a TIFF or OME-TIFF without a z size (ITK's
+    1 mm would be a made-up 1000 um). Negative or zero sizes: see :func:`.base.checked_spacing`."""
+    sp = list(spacing_mm)
+    suffix = sitk_suffix(path)
     try:
-        if name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+        if suffix in (".nrrd", ".nhdr", ".mha", ".mhd"):
             head = path.read_bytes()[:65536].decode("latin-1", errors="replace").lower()
-            keys = ("spacings:", "space directions:") if "nrrd" in name or "nhdr" in name \
+            keys = ("spacings:", "space directions:") if "nrrd" in suffix or "nhdr" in suffix \
                 else ("elementspacing", "elementsize")
             if not any(k in head for k in keys):
                 return None
-        elif name.endswith((".nii", ".nii.gz")) and all(abs(v - 1.0) < 1e-12 for v in sp):
+        elif suffix in (".nii", ".nii.gz") and all(abs(v - 1.0) < 1e-12 for v in sp):
             return None
     except OSError:
         return None
-    if name.endswith((".nii", ".nii.gz")):  # float32 in the header: drop the float noise
+    if suffix in (".nii", ".nii.gz"):  # float32 in the header: drop the float noise
         sp = [float(str(np.float32(v))) for v in sp]
+    if len(sp) == 2:
+        sp.append(sp[0])
     return (_um(sp[2]), _um(sp[1]), _um(sp[0]))
 
 
@@ -147,7 +191,11 @@ def _um(mm: float) -> float:
 
 
 def _dicom_files(folder: Path) -> list[Path]:
-    """Files of the largest DICOM series in ``folder`` (sorted by position), or []."""
+    """Files of the largest DICOM series in ``folder`` (sorted by position), or [].
+
+    A file that looks like DICOM (``.dcm``/``.ima`` or the ``DICM`` signature) but belongs to
+    no series (GDCM skips files it cannot parse, e.g. truncated ones) is a UserError naming
+    it: a slice is never dropped silently."""
     import SimpleITK as sitk
 
     candidates = [p for p in folder.iterdir() if p.is_file() and
@@ -158,11 +206,22 @@ def _dicom_files(folder: Path) -> list[Path]:
     if not ids:
         return []
     series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), i) for i in ids]
+    _check_none_dropped(candidates, {Path(f).name for files in series for f in files})
     best = max(series, key=len)
     if len(series) > 1:
         log.warning("%s: %d DICOM series; reading the largest (%d files)", folder, len(series),
                     len(best))
     return [Path(f) for f in best]
+
+
+def _check_none_dropped(candidates: list[Path], in_series: set[str]) -> None:
+    """UserError naming the first DICOM-looking file that no series holds (DICOMDIR aside)."""
+    for p in sorted(candidates):
+        if p.name in in_series or p.name.upper() == "DICOMDIR":
+            continue
+        if p.suffix.lower() in (".dcm", ".ima") or _is_dicom(p):
+            raise UserError("DICOM file that belongs to no series (unreadable or truncated?); "
+                            "refusing to read the series without this slice", p)
 
 
 def _is_dicom(p: Path) -> bool:
@@ -173,8 +232,24 @@ def _is_dicom(p: Path) -> bool:
         return False
 
 
+def _dicom_slice_info(path: Path) -> tuple[tuple[int, int], str]:
+    """(y, x) and pixel type of one DICOM slice from its header; UserError if unreadable."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise UserError(f"unreadable DICOM ({_first_line(e)})", path) from None
+    size = reader.GetSize()
+    return (size[1], size[0]), sitk.GetPixelIDValueAsString(reader.GetPixelID())
+
+
 class DicomSeriesVolume(Volume):
-    """A DICOM series folder read one file per slice through SimpleITK."""
+    """A DICOM series folder read one file per slice through SimpleITK. Every slice's header
+    is checked for the first slice's size and pixel type on opening."""
 
     format = "sitk"
 
@@ -186,6 +261,7 @@ class DicomSeriesVolume(Volume):
             first = sitk.ReadImage(str(files[0]))
         except RuntimeError as e:
             raise UserError(f"unreadable DICOM ({_first_line(e)})", files[0]) from None
+        check_same_headers(files, _dicom_slice_info)
         arr = sitk.GetArrayFromImage(first)
         sx, sy = first.GetSpacing()[:2]
         sz = first.GetSpacing()[2] if first.GetDimension() > 2 else sx
@@ -207,6 +283,9 @@ class DicomSeriesVolume(Volume):
                 arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
             except RuntimeError as e:
                 raise UserError(f"unreadable DICOM ({_first_line(e)})", f) from None
+            if arr.size != out[i].size:
+                raise UserError(f"slice has {arr.shape[-2:]} pixels, the first slice "
+                                f"{self.shape[1:]}", f)
             out[i] = arr.reshape(self.shape[1:]).astype(self.dtype, copy=False)
         return out
 
@@ -233,18 +312,31 @@ class SitkWriter(VolumeWriter):
         assert self._buf is not None
         self._buf[self.count:self.count + block.shape[0]] = block
 
+    def _tmp_name(self) -> str:
+        """The name with its suffix in lower case: ITK picks (and for NIfTI checks) the format
+        by the suffix, so ``x.MHA`` is written as ``.microct-sr-tmp-<pid>-x.mha``."""
+        suffix = sitk_suffix(self.path)
+        return self.path.name[:len(self.path.name) - len(suffix)] + suffix
+
     def _finish(self) -> None:
         import SimpleITK as sitk
 
         img = sitk.GetImageFromArray(self._buf)
         if self.spacing_um:
             img.SetSpacing([v / 1000.0 for v in self.spacing_um[::-1]])
-        compress = self.path.name.lower().endswith((".gz", ".nrrd", ".mha"))
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO(_IMAGE_IO[sitk_suffix(self.path)])
+        writer.SetFileName(str(self.tmp))
+        writer.SetUseCompression(sitk_suffix(self.path) in (".nii.gz", ".nrrd", ".mha"))
         try:
-            sitk.WriteImage(img, str(self.tmp), useCompression=compress)
+            writer.Execute(img)
         except RuntimeError as e:
             raise OSError(f"SimpleITK could not write {self.path}: {_first_line(e)}") from None
         self._buf = None
 
     def _cleanup(self) -> None:
+        """Drop the buffer and any data file ITK wrote beside the temporary header."""
         self._buf = None
+        stem = self.tmp.name[:len(self.tmp.name) - len(sitk_suffix(self.tmp))]
+        for suffix in _COMPANIONS:
+            (self.tmp.parent / (stem + suffix)).unlink(missing_ok=True)

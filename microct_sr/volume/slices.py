@@ -21,6 +21,7 @@ from .base import (
     TMP_PREFIX,
     Spacing,
     Volume,
+    check_same_headers,
 )
 from .sitk import DicomSeriesVolume, _dicom_files
 from .writer import VolumeWriter
@@ -157,7 +158,7 @@ class SliceFolderVolume(Volume):
 
     def __init__(self, path: Path, files: list[Path], fmt: str, spacing_um: Spacing | None,
                  spacing_source: str, metadata: dict | None = None):
-        shape2d, dtype = _check_slices(files)
+        shape2d, dtype = check_same_headers(files, probe_slice_file)
         self.format = fmt
         self.files = files
         super().__init__(path, (len(files),) + shape2d, dtype, spacing_um, spacing_source,
@@ -174,20 +175,6 @@ class SliceFolderVolume(Volume):
                 raise UserError(f"slice is {arr.dtype}, the first slice {self.dtype}", f)
             out[i] = arr
         return out
-
-
-def _check_slices(files: list[Path]) -> tuple[tuple[int, int], str]:
-    """All slice headers agree on size and dtype; returns them. UserError names the odd file."""
-    first_shape, first_dtype = probe_slice_file(files[0])
-    for f in files[1:]:
-        shape, dtype = probe_slice_file(f)
-        if shape != first_shape:
-            raise UserError(f"slice size {shape[1]}x{shape[0]} differs from the first slice "
-                            f"{files[0].name} ({first_shape[1]}x{first_shape[0]})", f)
-        if dtype != first_dtype:
-            raise UserError(f"slice dtype {dtype} differs from the first slice {files[0].name} "
-                            f"({first_dtype})", f)
-    return tuple(first_shape), first_dtype  # type: ignore[return-value]
 
 
 def _check_numbering(indexed: list[tuple[int, Path]], step: int = 1) -> None:

@@ -67,7 +67,7 @@ class VolumeWriter:
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise ValueError(f"shape must be (z, y, x) with positive sizes, got {shape}")
         _check_target(self.path, overwrite, folder=self.kind == "nrecon")
-        self.tmp = self.path.parent / f"{TMP_PREFIX}{os.getpid()}-{self.path.name}"
+        self.tmp = self.path.parent / f"{TMP_PREFIX}{os.getpid()}-{self._tmp_name()}"
         _remove(self.tmp)
         _remove_stale(self.path)
         _register(self)
@@ -77,9 +77,14 @@ class VolumeWriter:
             self.abort()
             raise
 
-    # subclasses: _open(), _write(block), _finish(), _cleanup()
+    # subclasses: _open(), _write(block), _finish(), _cleanup(); _tmp_name() if need be
+    def _tmp_name(self) -> str:
+        """The output's name as the temporary name ends (``.microct-sr-tmp-<pid>-<this>``)."""
+        return self.path.name
+
     def _open(self) -> None:
         """Create the temporary output."""
+
     def write(self, slices: np.ndarray) -> None:
         """Append one (y, x) slice or a (n, y, x) block; converted with :func:`to_dtype`."""
         if self.closed:
@@ -183,8 +188,10 @@ def _remove(p: Path) -> None:
 
 
 def _remove_stale(final: Path) -> None:
-    """Remove temporary outputs for ``final`` left by killed processes (SIGKILL, power loss)."""
-    pat = re.compile(rf"^{re.escape(TMP_PREFIX)}(?:old-)?(\d+)-{re.escape(final.name)}$")
+    """Remove temporary outputs for ``final`` left by killed processes (SIGKILL, power loss).
+    The name's case is ignored: some writers lower-case the suffix of their temporary name."""
+    pat = re.compile(rf"^{re.escape(TMP_PREFIX)}(?:old-)?(\d+)-{re.escape(final.name)}$",
+                     re.IGNORECASE)
     for p in final.parent.iterdir():
         m = pat.match(p.name)
         if m and not _pid_alive(int(m.group(1))):

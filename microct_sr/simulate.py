@@ -23,7 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .atomic import atomic_write
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -106,6 +111,16 @@ class SimParams:
             raise UserError(f"--edge-pad must be >= 0 LR pixels, got {self.edge_pad}")
         if not self.attenuation_per_cm > 0:
             raise UserError(f"attenuation must be > 0 1/cm, got {self.attenuation_per_cm}")
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        """UserError for inf or nan where only finite values mean anything."""
+        values = {"--rotation": (self.rotation_deg,), "--shift-um": self.shift_um,
+                  "--smoothing": (self.smoothing,), "--window": self.window or (),
+                  "--attenuation": (self.attenuation_per_cm,)}
+        for option, vals in values.items():
+            if not all(math.isfinite(v) for v in vals):
+                raise UserError(f"{option} must be finite, got {vals}")
 
     @property
     def noiseless(self) -> bool:
@@ -321,7 +336,7 @@ def default_window(hr: Any, n_sample: int = 16) -> tuple[float, float]:
     hi = the 99.9th percentile of up to ``n_sample`` evenly spaced slices."""
     nz = hr.shape[0]
     idx = np.unique(np.linspace(0, nz - 1, min(n_sample, nz)).round().astype(int))
-    sample = np.stack([np.asarray(hr[int(i)]) for i in idx])
+    sample = np.stack([check_finite(np.asarray(hr[int(i)]), hr.path, int(i)) for i in idx])
     if np.issubdtype(sample.dtype, np.unsignedinteger):
         lo = 0.0
     else:
@@ -352,6 +367,41 @@ def check_input(shape: tuple[int, ...], factor: int, path: Any) -> None:
                         f"{factor}; crop it to a multiple of {factor} first", path)
 
 
+def check_finite(block: np.ndarray, path: Any, z0: int) -> np.ndarray:
+    """``block`` (HR slices from ``z0``) unchanged; UserError naming the file and slice when it
+    holds NaN or inf (the attenuation and the noise need finite gray values)."""
+    if block.dtype.kind in "fc" and not np.isfinite(block).all():
+        bad = ~np.isfinite(block.reshape((-1,) + block.shape[-2:]))
+        z = z0 + int(np.argwhere(bad)[0][0])
+        raise UserError(f"slice {z} holds NaN or infinite voxels; simulate needs finite gray "
+                        "values (replace them, e.g. by 0, first)", path)
+    return block
+
+
+def check_name(name: str | None) -> None:
+    """UserError unless ``name`` (--name) is a plain file name prefix."""
+    if name is None:
+        return
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if not name.strip() or name in (".", "..") or any(c in name for c in seps):
+        raise UserError(f"--name {name!r} must be a plain file name prefix (no folders)")
+
+
+def lr_name(out: str | Path, name: str | None) -> str:
+    """The file name prefix: ``name`` (--name, checked) or the output folder's name."""
+    check_name(name)
+    return name or Path(out).resolve().name
+
+
+def output_targets(out: str | Path, fmt: str, name: str | None = None) -> list[Path]:
+    """What a run replaces: the folder ``out`` (nrecon), or ``<name>.tif`` and
+    ``simulation.json`` inside it (tif)."""
+    out = Path(out)
+    if fmt == "nrecon":
+        return [out]
+    return [out / f"{lr_name(out, name)}.tif", out / "simulation.json"]
+
+
 def photons_note() -> str:
     """Why the default photon count is what it is (also written into simulation.json)."""
     return (f"default photons = {HR_PHOTONS_PER_PIXEL:g} open-beam photons per 10 um HR "
@@ -375,10 +425,10 @@ def simulate_volume(hr: Any, out: str | Path, params: SimParams, *,
     ``out/simulation.json`` holds the truth. ``workers``: processes (one torch thread each;
     0 = one per CPU core, at most 8). Returns the truth (plus output path, timing).
     """
-    from .progress import progress
-    from .volume import create_volume_writer, to_dtype
+    from .volume import create_volume_writer
 
     params.validate()
+    name = lr_name(out, name)
     out = Path(out)
     spacing = _check_volume(hr, params, spacing_um)
     if fmt not in ("nrecon", "tif"):
@@ -389,34 +439,71 @@ def simulate_volume(hr: Any, out: str | Path, params: SimParams, *,
     lr_spacing = tuple(float(s) * f for s in spacing)
     window = params.window or default_window(hr)
     dtype = np.dtype(hr.dtype)
-    name = name or out.name
     truth = _truth(params, window, spacing, lr_spacing, hr, lr_shape, random_motion_used)
+    description = f"microct-sr simulate: LR scan of {hr.path}"
+    run = (hr, params, spacing, window, workers, quiet, truth)
     if fmt == "nrecon":
-        target = out
-        kw = {"nrecon_prefix": f"{name}_", "nrecon_log": _nrecon_log(params)}
-    else:
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise UserError("exists and is not empty; use --overwrite to replace it", out)
-        out.mkdir(parents=True, exist_ok=True)
-        target = out / f"{name}.tif"
-        kw = {}
-    t0 = time.perf_counter()
-    writer = create_volume_writer(target, lr_shape, dtype, lr_spacing, overwrite=overwrite,
-                                  description=f"microct-sr simulate: LR scan of {hr.path}", **kw)
-    n_workers = _n_workers(workers, lr_shape[0])
-    with writer:
-        slices = _lr_slices(hr, params, spacing, window, n_workers)
-        for lr in progress(slices, total=lr_shape[0], desc="simulate", quiet=quiet,
-                           unit="slice"):
-            writer.write(to_dtype(lr, dtype)[None])
-        truth["seconds"] = round(time.perf_counter() - t0, 2)
-        truth["workers"] = n_workers
-        truth["output"] = str(target)
-        if hasattr(writer, "add_file"):     # NRecon folder: inside the atomic rename
-            writer.add_file("simulation.json", json.dumps(truth, indent=2) + "\n")
-    if not hasattr(writer, "add_file"):
-        _write_json_atomic(out / "simulation.json", truth)
+        truth["output"] = str(out)
+        with create_volume_writer(out, lr_shape, dtype, lr_spacing, overwrite=overwrite,
+                                  description=description, nrecon_prefix=f"{name}_",
+                                  nrecon_log=_nrecon_log(params)) as writer:
+            _write_lr(writer, *run)
+            writer.add_file("simulation.json", _json_text(truth))  # inside the atomic rename
+        return truth
+    truth["output"] = str(out / f"{name}.tif")
+    with _tif_folder(out, overwrite) as folder:
+        with create_volume_writer(folder / f"{name}.tif", lr_shape, dtype, lr_spacing,
+                                  overwrite=overwrite, description=description) as writer:
+            _write_lr(writer, *run)
+        atomic_write(folder / "simulation.json", lambda p: p.write_text(_json_text(truth)))
     return truth
+
+
+def _write_lr(writer: Any, hr: Any, params: SimParams, spacing: tuple[float, float, float],
+              window: tuple[float, float], workers: int, quiet: bool, truth: dict) -> None:
+    """Simulate every LR slice into ``writer``; the timing and worker count go into ``truth``."""
+    from .progress import progress
+    from .volume import to_dtype
+
+    t0 = time.perf_counter()
+    n_workers = _n_workers(workers, writer.shape[0])
+    slices = _lr_slices(hr, params, spacing, window, n_workers)
+    for lr in progress(slices, total=writer.shape[0], desc="simulate", quiet=quiet,
+                       unit="slice"):
+        writer.write(to_dtype(lr, writer.dtype)[None])
+    truth["seconds"] = round(time.perf_counter() - t0, 2)
+    truth["workers"] = n_workers
+
+
+@contextmanager
+def _tif_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """The folder for ``--format tif``: ``out`` itself when it exists (empty, or any with
+    --overwrite; its files are each replaced atomically), else a temporary folder beside it,
+    renamed to ``out`` on success and removed on failure, so a failed run leaves no ``out``."""
+    from .volume.base import TMP_PREFIX
+
+    if out.exists():
+        if not out.is_dir():
+            raise UserError("exists and is not a folder", out)
+        if any(out.iterdir()) and not overwrite:
+            raise UserError("exists and is not empty; use --overwrite to replace it", out)
+        yield out
+        return
+    if not out.parent.is_dir():
+        raise UserError("the output's parent folder does not exist", out.parent)
+    tmp = out.parent / f"{TMP_PREFIX}{os.getpid()}-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _json_text(obj: dict) -> str:
+    return json.dumps(obj, indent=2) + "\n"
 
 
 def _check_volume(hr: Any, params: SimParams, spacing_um: tuple[float, float, float] | None
@@ -467,7 +554,8 @@ def _lr_slices(hr: Any, params: SimParams, spacing: tuple[float, float, float],
     tasks = [list(range(k, min(k + batch, n_lr))) for k in range(0, n_lr, batch)]
 
     def args(ks: list[int]) -> tuple:
-        slabs = [hr.read(k * f, min(nz, (k + 1) * f)) for k in ks]
+        slabs = [check_finite(hr.read(k * f, min(nz, (k + 1) * f)), hr.path, k * f)
+                 for k in ks]
         return slabs, params, spacing, window, ks
 
     if workers <= 1:            # one core: one torch thread (faster on a busy machine)
@@ -534,9 +622,3 @@ def _nrecon_log(params: SimParams) -> dict:
                            "Smoothing sigma (pixels)": f"{params.smoothing:g}",
                            "Simulated": "YES (microct-sr simulate; truth in simulation.json)"},
     }
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)

@@ -1,10 +1,26 @@
-"""The click group: version, help, exit codes and the OpenMP wait policy."""
+"""The click group: version, help, exit codes, the OpenMP wait policy, and the shared option
+types and output guard of cli/_common.py."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
 
 from microct_sr import __version__
+from microct_sr.cli._common import (
+    FINITE,
+    NON_NEGATIVE,
+    POSITIVE,
+    FiniteFloat,
+    device_problem,
+    refuse_output_over_input,
+)
+from microct_sr.errors import UserError
+from microct_sr.volume import write_volume
 
 
 def test_version_and_help(run_cli):
@@ -28,3 +44,97 @@ def test_openmp_waits_passively_unless_the_user_says_otherwise(run_cli, monkeypa
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     run_cli("--version")
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+# ---- shared option types and the output-over-input guard ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_tif(tmp_path_factory) -> Path:
+    """A 4 x 32 x 32 uint8 TIFF at 10 um: enough for options that fail while parsing."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.tif"
+    return write_volume(path, np.arange(4 * 32 * 32, dtype=np.uint8).reshape(4, 32, 32),
+                        (10.0, 10.0, 10.0))
+
+
+@pytest.mark.parametrize("command, option, args", [
+    ("upscale", "--spacing-um", ["--spacing-um", "inf"]),
+    ("upscale", "--window", ["--window", "0", "inf"]),
+    ("upscale", "--window", ["--window", "nan", "1"]),
+    ("evaluate", "--spacing-um", ["--spacing-um", "inf"]),
+    ("pair", "--lr-spacing-um", ["--lr-spacing-um", "inf"]),
+    ("pair", "--hr-spacing-um", ["--hr-spacing-um", "10,nan,10"]),
+    ("pair", "--min-ncc", ["--min-ncc", "nan"]),
+    ("simulate", "--rotation", ["--rotation", "nan"]),
+    ("simulate", "--shift-um", ["--shift-um", "nan", "0"]),
+    ("simulate", "--smoothing", ["--smoothing", "inf"]),
+    ("simulate", "--window", ["--window", "0", "inf"]),
+    ("simulate", "--attenuation", ["--attenuation", "inf"]),
+    ("simulate", "--spacing-um", ["--spacing-um", "-inf"]),
+    ("phantom", "--thickness-um", ["--thickness-um", "inf"]),
+    ("phantom", "--bvtv", ["--bvtv", "nan"]),
+])
+def test_non_finite_floats_exit_2_naming_the_option(run_cli, tiny_tif, tmp_path, command,
+                                                    option, args):
+    out = tmp_path / "out.tif"
+    paths = {"upscale": [tiny_tif, out], "evaluate": [tiny_tif, tiny_tif],
+             "pair": [tiny_tif, tiny_tif, tmp_path / "pairs"], "simulate": [tiny_tif, out],
+             "phantom": [out]}[command]
+    r = run_cli(command, *paths, *args)
+    assert r.exit_code == 2, r.stderr
+    assert f"'{option}'" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text, value", [("1e3", 1000.0), ("-0.5", -0.5)])
+def test_finite_float_accepts_numbers(text, value):
+    assert FINITE.convert(text, None, None) == value
+
+
+@pytest.mark.parametrize("kind, text, message", [
+    (POSITIVE, "0", "> 0"), (NON_NEGATIVE, "-1", ">= 0"), (FiniteFloat(-1, 1), "1.5", "<= 1"),
+    (FINITE, "x", "not a number"), (FINITE, "-inf", "not a finite number"),
+])
+def test_finite_float_bounds(kind, text, message):
+    with pytest.raises(click.BadParameter, match=message):
+        kind.convert(text, None, None)
+
+
+@pytest.mark.parametrize("device, problem", [
+    ("auto", None), ("cpu", None), ("gpu", "expected auto"), ("cuda:", "expected auto"),
+    ("cuda:one", "expected auto")])
+def test_device_problem(device, problem):
+    got = device_problem(device)
+    assert got is None if problem is None else problem in got
+
+
+def test_device_problem_without_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "not available" in device_problem("cuda")
+    assert "not available" in device_problem("cuda:0")
+
+
+def _nrecon_scan(folder: Path) -> Path:
+    """A 3-slice NRecon folder (uint16: .tif slices) for the guard's folder cases."""
+    return write_volume(folder, np.zeros((3, 8, 8), np.uint16), (80.0, 80.0, 80.0))
+
+
+def test_output_over_input_guard(tmp_path):
+    scan = _nrecon_scan(tmp_path / "scan")
+    slices = sorted(scan.glob("*.tif"))
+    single = write_volume(tmp_path / "hr.tif", np.zeros((3, 8, 8), np.uint8), None)
+    link = tmp_path / "link.tif"
+    link.symlink_to(single)
+    hard = tmp_path / "hard.tif"
+    os.link(single, hard)
+    inputs = [scan, *slices, single]
+    refused = {scan: "is the input", tmp_path / "scan" / ".." / "scan": "is the input",
+               slices[1]: "is the input", link: "is the input", hard: "is the input",
+               tmp_path: "holds the input"}
+    for out, message in refused.items():
+        with pytest.raises(UserError, match=f"--out {message}"):
+            refuse_output_over_input([("--out", out)], inputs)
+    # beside the inputs, or a new name inside the scan folder: allowed
+    for out in (tmp_path / "sr.tif", scan / "report.csv", scan / "sub" / "x.tif", None):
+        refuse_output_over_input([("--out", out)], inputs)

@@ -204,6 +204,32 @@ def test_bad_input_exits_2(run_cli, bad_files, args, message):
     assert message in r.stderr
 
 
+def test_unsupported_plot_suffix_exits_2_before_any_metric(run_cli, data, tmp_path,
+                                                           monkeypatch):
+    from microct_sr.metrics import evaluate
+
+    f = data[2]
+    monkeypatch.setattr(evaluate, "evaluate_files", lambda *a, **k: pytest.fail("computed"))
+    r = run_cli("evaluate", f["good"], f["hr"], "--plot", tmp_path / "x.bmp", "--quiet")
+    assert r.exit_code == 2, r.stderr
+    assert "'--plot'" in r.stderr and "x.bmp" in r.stderr and ".png, .pdf, .svg" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--csv", "--table", "--plot"])
+def test_report_over_an_input_is_refused_even_with_overwrite(run_cli, data, tmp_path, option):
+    """--csv hr.tif --overwrite once replaced the HR volume with a CSV."""
+    f = data[2]
+    hr_copy = tmp_path / "hr.svg" if option == "--plot" else tmp_path / "hr.tif"
+    hr_copy.write_bytes(f["hr"].read_bytes())
+    r = run_cli("evaluate", "--hr", hr_copy, "--sr", f"sr={f['good']}", option, hr_copy,
+                "--overwrite", "--quiet", "--metrics", "psnr")
+    assert r.exit_code == 2, r.stderr
+    assert f"{option} is the input" in r.stderr and str(hr_copy) in r.stderr
+    assert hr_copy.read_bytes() == f["hr"].read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == [hr_copy.name]
+
+
 def test_missing_pyiqa_when_asked_by_name_exits_2(run_cli, data, monkeypatch):
     d, hr, f = data
     monkeypatch.setattr(perceptual, "pyiqa_available", lambda: False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from scipy import ndimage
 
 from microct_sr.phantom import make_phantom
 from microct_sr.simulate import SimParams, simulate_slab
-from microct_sr.volume import open_volume
+from microct_sr.volume import open_volume, write_volume
 
 SP = (10.0, 10.0, 10.0)
 WINDOW = (0.0, 255.0)
@@ -162,6 +163,83 @@ def test_existing_output_needs_overwrite(phantom_tif, tmp_path, run_cli):
     r = run_cli("simulate", phantom_tif, out, "--quiet")
     assert r.exit_code == 2
     assert run_cli("simulate", phantom_tif, out, "--quiet", "--overwrite").exit_code == 0
+
+
+def _names(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "/abs"])
+def test_name_with_a_folder_exits_2(phantom_tif, tmp_path, run_cli, name):
+    r = run_cli("simulate", phantom_tif, tmp_path / "out", "--name", name, "--quiet")
+    assert r.exit_code == 2, r.stderr
+    assert "--name" in r.stderr and repr(name) in r.stderr and "Traceback" not in r.stderr
+    assert _names(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["nrecon", "tif"])
+def test_non_finite_input_exits_2_naming_the_file(tmp_path, run_cli, fmt):
+    """A float HR volume with one NaN voxel (in a slice the window sample skips)."""
+    hr = np.ones((16, 32, 32), np.float32)
+    hr[3, 4, 5] = np.nan
+    path = tmp_path / "in" / "nan.tif"
+    path.parent.mkdir()
+    write_volume(path, hr, SP)
+    r = run_cli("simulate", path, tmp_path / "out", "--format", fmt, "--window", "0", "2",
+                "--workers", "1", "--quiet")
+    assert r.exit_code == 2, r.stderr
+    assert str(path) in r.stderr and "slice 3" in r.stderr and "NaN" in r.stderr
+    assert _names(tmp_path) == ["in"] and _names(path.parent) == ["nan.tif"]
+
+
+def test_failed_tif_run_leaves_no_output_folder(phantom_tif, tmp_path, run_cli, monkeypatch):
+    """--format tif: a crash after the first slice leaves neither LR_OUT nor a temporary."""
+    from microct_sr import simulate
+
+    def crash(*args, **kw):
+        yield np.zeros((8, 8), np.float32)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(simulate, "_lr_slices", crash)
+    r = run_cli("simulate", phantom_tif, tmp_path / "out", "--format", "tif", "--quiet")
+    assert r.exit_code == 1 and "boom" in r.stderr
+    assert _names(tmp_path) == []
+
+
+def test_tif_format_makes_the_folder_and_fills_an_existing_one(phantom_tif, tmp_path,
+                                                                run_cli):
+    out = tmp_path / "out"
+    r = run_cli("simulate", phantom_tif, out, "--format", "tif", "--quiet", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["output"] == str(out / "out.tif")
+    assert _names(out) == ["out.tif", "simulation.json"] and _names(tmp_path) == ["out"]
+    r = run_cli("simulate", phantom_tif, out, "--format", "tif", "--name", "b", "--quiet",
+                "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    assert _names(out) == ["b.tif", "out.tif", "simulation.json"]
+
+
+def test_output_over_the_input_is_refused_even_with_overwrite(phantom_tif, tmp_path, run_cli):
+    """LR_OUT = the HR folder (nrecon replaces it), or --format tif onto the HR file: exit 2.
+    --format tif into the HR's folder under another name only adds files: allowed."""
+    hr_dir = tmp_path / "hr_scan"
+    r = run_cli("simulate", phantom_tif, hr_dir, "--factor", "4", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    before = {p.name: p.read_bytes() for p in hr_dir.iterdir()}
+    original = Path(phantom_tif).read_bytes()
+    hr_file = tmp_path / "hr.tif"
+    hr_file.write_bytes(original)
+    for hr, args in ((hr_dir, [hr_dir]), (hr_file, [tmp_path, "--format", "tif", "--name", "hr"]),
+                     (hr_file, [tmp_path])):
+        r = run_cli("simulate", hr, *args, "--factor", "4", "--overwrite", "--quiet")
+        assert r.exit_code == 2, r.stderr
+        assert "LR_OUT" in r.stderr and "input" in r.stderr
+    assert {p.name: p.read_bytes() for p in hr_dir.iterdir()} == before
+    assert hr_file.read_bytes() == original
+    r = run_cli("simulate", hr_file, tmp_path, "--format", "tif", "--name", "lr", "--quiet",
+                "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "lr.tif").is_file() and hr_file.read_bytes() == original
 
 
 # ----------------------------------------------------------------------------- physics

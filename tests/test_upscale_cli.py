@@ -134,6 +134,38 @@ def test_bad_input_exit_2(run_cli, files, tmp_path):
     assert not (tmp_path / "o.tif").exists()
 
 
+@pytest.mark.parametrize("device, message", [("foo", "expected auto, cpu, cuda or cuda:N"),
+                                             ("cuda:x", "expected auto")])
+def test_bad_device_exit_2_before_any_work(run_cli, files, tmp_path, device, message):
+    r = run_cli("upscale", files["scan"], tmp_path / "o.tif", "--model", files["model"],
+                "--device", device)
+    assert r.exit_code == 2, r.stderr
+    assert "'--device'" in r.stderr and repr(device) in r.stderr and message in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_output_over_the_input_is_refused_even_with_overwrite(run_cli, files, tmp_path):
+    """OUTPUT = the LR folder, one of its slices, or a folder holding the scan: exit 2, the scan
+    untouched; a new file inside the scan folder is fine."""
+    scan = write_volume(tmp_path / "scan", np.full((2, 6, 6), 1000, np.uint16), (80.0,) * 3)
+    before = _snapshot(scan)
+    a_slice = min(scan.glob("*.tif"))
+    for out, message in ((scan, "OUTPUT is the input"), (a_slice, "OUTPUT is the input"),
+                         (tmp_path, "OUTPUT holds the input")):
+        r = run_cli("upscale", scan, out, "--model", files["model"], "--overwrite", "--quiet")
+        assert r.exit_code == 2, r.stderr
+        assert message in r.stderr and "Traceback" not in r.stderr
+        assert _snapshot(scan) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
+    r = run_cli("upscale", scan, scan / "sr.tif", "--model", files["model"], "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert (scan / "sr.tif").is_file()
+
+
 # ---- subprocess runs: kill signals and memory -------------------------------------------
 
 # The child reports its own peak RSS at exit: VmHWM from /proc (the peak of its own address

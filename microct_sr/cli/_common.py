@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import click
+
+from ..errors import UserError
 
 
 def parse_spacing(value: str | None) -> tuple[float, float, float] | None:
@@ -20,8 +26,9 @@ def parse_spacing(value: str | None) -> tuple[float, float, float] | None:
         raise click.BadParameter(f"{value!r} is not a number or 'Z,Y,X' in micrometres")
     if len(nums) == 1:
         nums = nums * 3
-    if len(nums) != 3 or any(not (n > 0) for n in nums):
-        raise click.BadParameter(f"{value!r}: give one positive value or three as Z,Y,X (um)")
+    if len(nums) != 3 or any(not (0 < n < math.inf) for n in nums):
+        raise click.BadParameter(
+            f"{value!r}: give one positive finite value or three as Z,Y,X (um)")
     return (nums[0], nums[1], nums[2])
 
 
@@ -31,6 +38,112 @@ def spacing_option(f):
         "--spacing-um", "spacing_um", default=None,
         callback=lambda ctx, param, v: parse_spacing(v),
         help="Voxel size in um, one value (isotropic) or Z,Y,X; overrides the file's metadata.")(f)
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is neither inf nor nan, optionally bounded: ``FiniteFloat(0, open_min=True)``
+    accepts only positive values. Bad values are click usage errors naming the option (exit 2)."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, max: float | None = None,
+                 open_min: bool = False):
+        self.min, self.max, self.open_min = min, max, open_min
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        low_bad = self.min is not None and (x < self.min or (self.open_min and x == self.min))
+        if low_bad or (self.max is not None and x > self.max):
+            self.fail(f"{value!r} is not {self._range()}", param, ctx)
+        return x
+
+    def _range(self) -> str:
+        """``> 0``, ``in [-1, 1]`` ... for messages."""
+        low = None if self.min is None else f"{'>' if self.open_min else '>='} {self.min:g}"
+        if self.max is None:
+            return low or "finite"
+        return f"<= {self.max:g}" if low is None else f"{low} and <= {self.max:g}"
+
+
+FINITE = FiniteFloat()
+POSITIVE = FiniteFloat(0.0, open_min=True)
+NON_NEGATIVE = FiniteFloat(0.0)
+
+
+class DeviceParam(click.ParamType):
+    """``--device``: 'auto', 'cpu', 'cuda' or 'cuda:N'; a CUDA device that is not there is a
+    usage error (exit 2) naming the option, before any work starts."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        problem = device_problem(text)
+        if problem:
+            self.fail(f"{value!r}: {problem}", param, ctx)
+        return text
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot be used here, or None ('auto', 'cpu', 'cuda', 'cuda:N')."""
+    if device in ("auto", "cpu"):
+        return None
+    kind, sep, index = device.partition(":")
+    if kind != "cuda" or (sep and not index.isdigit()):
+        return "expected auto, cpu, cuda or cuda:N"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "CUDA is not available here (use cpu or auto)"
+    if sep and int(index) >= torch.cuda.device_count():
+        return f"there is no CUDA device {index} ({torch.cuda.device_count()} visible)"
+    return None
+
+
+DEVICE = DeviceParam()
+
+
+def refuse_output_over_input(outputs: Iterable[tuple[str, str | Path | None]],
+                             inputs: Iterable[str | Path | None]) -> None:
+    """UserError (exit 2) when an output would replace an input, even with --overwrite.
+
+    ``outputs`` are (option label, path) of what a command replaces: the file, or the folder
+    when a folder is replaced as a whole. It is refused if it resolves to an input (symlinks and
+    hard links included) or to a folder holding one. An output inside an input folder is
+    allowed (a report written next to the slices) unless it is itself an input: pass a folder
+    input's member files (``Volume.files``) as inputs to protect them."""
+    resolved = [(p, Path(p).resolve()) for p in inputs if p is not None]
+    for label, out in outputs:
+        if out is None:
+            continue
+        target = Path(out).resolve()
+        for given, src in resolved:
+            if _same_path(target, src):
+                raise UserError(f"{label} is the input {given}; refusing to replace it", out)
+            if target in src.parents:
+                raise UserError(f"{label} holds the input {given}; refusing to replace it", out)
+
+
+def volume_inputs(vol: Any) -> list[Path]:
+    """An opened volume's path and, for a slice folder or DICOM series, the files it reads."""
+    return [Path(vol.path), *getattr(vol, "files", ())]
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Resolved paths equal, or the same existing file under two names."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 json_option = click.option("--json", "as_json", is_flag=True,
@@ -48,7 +161,6 @@ def emit_json(obj: Any) -> None:
 
 def _json_default(o: Any) -> Any:
     import numpy as np
-    from pathlib import Path
 
     if isinstance(o, (np.integer,)):
         return int(o)

@@ -7,7 +7,16 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from ._common import emit_json, json_option, overwrite_option, quiet_option, spacing_option
+from ._common import (
+    emit_json,
+    json_option,
+    overwrite_option,
+    quiet_option,
+    refuse_output_over_input,
+    spacing_option,
+)
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def _parse_named(values: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -40,8 +49,18 @@ def _methods(paths: tuple[str, ...], hr: str | None, srs: tuple[str, ...], lr: s
     return hr, methods, True
 
 
-def _check_outputs(overwrite: bool, *paths: str | None) -> None:
-    for p in paths:
+def _check_plot_suffix(plot_path: str | None) -> None:
+    """--plot must name a format we draw (before any metric is computed)."""
+    if plot_path is not None and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
+        raise click.BadParameter(f"{plot_path!r}: the file name must end in "
+                                 f"{', '.join(PLOT_SUFFIXES)}", param_hint="'--plot'")
+
+
+def _check_outputs(overwrite: bool, outputs: dict[str, str | None],
+                   inputs: list[str | None]) -> None:
+    """Output folders exist, existing outputs need --overwrite, no output replaces an input."""
+    refuse_output_over_input(outputs.items(), inputs)
+    for p in outputs.values():
         if p is None:
             continue
         path = Path(p)
@@ -101,7 +120,9 @@ def command(paths, hr, srs, lr, bicubic, metrics, crop_border, slices, perceptua
 
     hr_path, methods, comparison = _methods(paths, hr, srs, lr, bicubic, label)
     wanted, explicit = parse_metrics(metrics)
-    _check_outputs(overwrite, csv_path, table_path, plot_path)
+    _check_plot_suffix(plot_path)
+    _check_outputs(overwrite, {"--csv": csv_path, "--table": table_path, "--plot": plot_path},
+                   [hr_path, lr, iqa_weights, *(path for _, path in methods)])
     opts = EvalOptions(metrics=wanted, crop_border=crop_border, slices=parse_slices(slices),
                        perceptual_sample=perceptual_sample, perceptual_crop=perceptual_crop,
                        seed=seed, hr_slice=hr_slice, spacing_um=spacing_um,

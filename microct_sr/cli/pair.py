@@ -9,11 +9,14 @@ from pathlib import Path
 import click
 
 from ._common import (
+    FiniteFloat,
     emit_json,
     json_option,
     overwrite_option,
     parse_spacing,
     quiet_option,
+    refuse_output_over_input,
+    volume_inputs,
 )
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,12 @@ def default_scan_id(lr_path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "scan"
 
 
+def _refuse_writing_over_inputs(out_dir: Path, inputs: list[str | Path | None]) -> None:
+    """OUT_DIR gains lr/, hr/, qc/, pairs.csv and registration.json: none may be an input."""
+    names = ("lr", "hr", "qc", "pairs.csv", "registration.json")
+    refuse_output_over_input([("OUT_DIR", out_dir / n) for n in names], inputs)
+
+
 @click.command("pair")
 @click.argument("lr", type=click.Path(exists=True))
 @click.argument("hr", type=click.Path(exists=True))
@@ -45,8 +54,8 @@ def default_scan_id(lr_path: str) -> str:
               help="ransac: robust fit over many slices (default); two-point: the paper's Eq. 1.")
 @click.option("--z-search", default=16, show_default=True, type=click.IntRange(0, 10000),
               help="Search the Z offset within +-N HR slices.")
-@click.option("--min-ncc", default=0.5, show_default=True, type=click.FloatRange(-1, 1),
-              help="Keep pairs whose upsampled-LR vs HR patch NCC reaches this.")
+@click.option("--min-ncc", default=0.5, show_default=True, type=FiniteFloat(-1.0, 1.0),
+              help="Keep pairs whose upsampled-LR vs HR patch NCC reaches this (-1 to 1).")
 @click.option("--max-patches-per-slice", default=3, show_default=True,
               type=click.IntRange(1, 10000))
 @click.option("--slices", "n_slices", default=24, show_default=True,
@@ -84,6 +93,8 @@ def command(lr: str, hr: str, out_dir: str, factor: int, lr_patch: int, method: 
     sid = scan_id if scan_id is not None else default_scan_id(lr)
     known_motion = read_simulated_motion(motion_from) if motion_from else None
     with open_volume(lr, lr_spacing_um) as lv, open_volume(hr, hr_spacing_um) as hv:
+        _refuse_writing_over_inputs(Path(out_dir), [motion_from, *volume_inputs(lv),
+                                                    *volume_inputs(hv)])
         res = pair_scans(lv, hv, out_dir, scan_id=sid, overwrite=overwrite, factor=factor,
                          lr_patch=lr_patch, method=method, z_search=z_search, min_ncc=min_ncc,
                          max_patches_per_slice=max_patches_per_slice, n_slices=n_slices,

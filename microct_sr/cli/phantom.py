@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit_json, json_option, overwrite_option, spacing_option
+from ._common import (
+    FINITE,
+    POSITIVE,
+    emit_json,
+    json_option,
+    overwrite_option,
+    refuse_output_over_input,
+    spacing_option,
+    volume_inputs,
+)
 
 
 @click.command("phantom")
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--shape", type=int, nargs=3, default=(128, 256, 256), show_default=True,
               help="Volume size Z Y X in voxels.")
-@click.option("--bvtv", type=float, default=0.25, show_default=True,
+@click.option("--bvtv", type=FINITE, default=0.25, show_default=True,
               help="Trabecular bone volume fraction BV/TV.")
-@click.option("--thickness-um", "thickness_um", type=float, default=80.0, show_default=True,
+@click.option("--thickness-um", "thickness_um", type=POSITIVE, default=80.0, show_default=True,
               help="Mean trabecular thickness in um.")
 @click.option("--cortex/--no-cortex", default=True, show_default=True,
               help="An elliptic cortical shell around the trabecular compartment.")
@@ -40,6 +49,7 @@ def command(out: str, shape: tuple[int, int, int], bvtv: float, thickness_um: fl
     mask = None
     if mask_path is not None:
         with open_volume(mask_path, spacing_um=spacing_um) as mv:
+            refuse_output_over_input([("OUT", out)], volume_inputs(mv))
             mask = mv.read(0, len(mv))
             spacing_um = spacing_um or mv.spacing_um
     spacing = spacing_um or (10.0, 10.0, 10.0)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import click
 
 from ._common import (
+    FINITE,
+    NON_NEGATIVE,
+    POSITIVE,
     emit_json,
     json_option,
     overwrite_option,
     quiet_option,
+    refuse_output_over_input,
     spacing_option,
+    volume_inputs,
 )
 
 
@@ -24,15 +29,15 @@ from ._common import (
               help="Open-beam photons per LR detector pixel per view; 'inf' = noiseless. "
                    "Default ~19310: an HR scan of 900 views x 464 ms rescaled to 225 views x "
                    "40 ms (see docs/simulate.md).")
-@click.option("--smoothing", type=float, default=0.5, show_default=True,
+@click.option("--smoothing", type=NON_NEGATIVE, default=0.5, show_default=True,
               help="Gaussian smoothing sigma in LR pixels after reconstruction (0: none).")
 @click.option("--filter", "filter_name", default="hamming", show_default=True,
               type=click.Choice(["hamming", "shepp-logan", "cosine", "hann", "ramp"]),
               help="Reconstruction filter window on the ramp.")
-@click.option("--rotation", "rotation", type=float, default=None,
+@click.option("--rotation", "rotation", type=FINITE, default=None,
               help="Object rotation in degrees about the field centre (+x towards +y, i.e. "
                    "clockwise on screen); see simulation.json 'conventions'.")
-@click.option("--shift-um", "shift_um", type=float, nargs=2, default=None,
+@click.option("--shift-um", "shift_um", type=FINITE, nargs=2, default=None,
               help="Object shift X Y in um after the rotation (+x right, +y down).")
 @click.option("--random-motion", is_flag=True,
               help="Draw rotation (+-10 deg) and shift (+-3 LR pixels) from --seed.")
@@ -40,10 +45,10 @@ from ._common import (
 @click.option("--format", "fmt", type=click.Choice(["nrecon", "tif"]), default="nrecon",
               show_default=True, help="NRecon-style slice folder or one multi-page TIFF.")
 @click.option("--name", default=None, help="File name prefix (default: LR_OUT's name).")
-@click.option("--window", type=float, nargs=2, default=None,
+@click.option("--window", type=FINITE, nargs=2, default=None,
               help="Gray window LO HI mapped to attenuation 0 .. --attenuation "
                    "(default: 0 for unsigned data .. the 99.9th percentile).")
-@click.option("--attenuation", "attenuation_per_cm", type=float, default=4.0,
+@click.option("--attenuation", "attenuation_per_cm", type=POSITIVE, default=4.0,
               show_default=True, help="Attenuation (1/cm) at the window's top gray value.")
 @click.option("--proj-pitch", "proj_pitch", type=int, default=0, show_default=True,
               help="Forward-projection pitch in HR pixels (0: 2 when it divides the factor, "
@@ -70,7 +75,13 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
     written to LR_OUT/simulation.json.
     """
     from ..errors import UserError
-    from ..simulate import DEFAULT_PHOTONS, SimParams, auto_proj_pitch, simulate_volume
+    from ..simulate import (
+        DEFAULT_PHOTONS,
+        SimParams,
+        auto_proj_pitch,
+        output_targets,
+        simulate_volume,
+    )
     from ..simulate import random_motion as draw_motion
     from ..volume import open_volume
 
@@ -86,6 +97,8 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
                        edge_pad=edge_pad)
     params.validate()
     with open_volume(hr, spacing_um=spacing_um) as vol:
+        refuse_output_over_input([("LR_OUT", p) for p in output_targets(lr_out, fmt, name)],
+                                 volume_inputs(vol))
         if random_motion:
             sp = spacing_um or vol.spacing_um
             if sp is None:

@@ -8,11 +8,15 @@ from pathlib import Path
 import click
 
 from ._common import (
+    DEVICE,
+    FINITE,
     emit_json,
     json_option,
     overwrite_option,
     quiet_option,
+    refuse_output_over_input,
     spacing_option,
+    volume_inputs,
 )
 
 log = logging.getLogger(__name__)
@@ -39,7 +43,7 @@ def _model_path(model: Path | None) -> Path:
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=Path))
 @click.option("--model", "model", type=click.Path(path_type=Path), default=None,
               help="Model file (.pt from `microct-sr train`); default: weights/default.pt.")
-@click.option("--device", default="auto", show_default=True,
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto",
               show_default=True, help="auto: fp16 autocast on CUDA, fp32 on the CPU.")
@@ -52,7 +56,7 @@ def _model_path(model: Path | None) -> Path:
 @click.option("--self-ensemble", "ensemble", is_flag=True,
               help="Average the network over the 8 rotations and flips of each slice: a "
                    "little sharper and steadier (about +0.1 dB), 8x slower.")
-@click.option("--window", type=(float, float), default=None, metavar="LO HI",
+@click.option("--window", type=(FINITE, FINITE), default=None, metavar="LO HI",
               help="Input intensities mapped to the network's [0, 1] (default: the model's "
                    "training window).")
 @spacing_option
@@ -72,6 +76,8 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
 
     model_file = _model_path(model)
     with open_volume(input_path, spacing_um=spacing_um) as vol:
+        refuse_output_over_input([("OUTPUT", output_path)],
+                                 [model_file, *volume_inputs(vol)])
         net, ckpt = load_model(model_file)
         s = net.config.scale
         shape, spacing = output_geometry(vol.shape, vol.spacing_um, s)

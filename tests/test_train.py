@@ -546,10 +546,11 @@ def test_gray_augment_changes_the_batches_and_is_recorded(pairs, tmp_path):
         train(_cfg(pairs, tmp_path / "bad", iters=1, gray_augment=1.5))
 
 
-@pytest.mark.parametrize("option,value,message", [("--iters", "0", "iters must be at least 1"),
-                                                   ("--lr", "nan", "--lr nan"),
-                                                   ("--lr", "-1", "--lr -1.0"),
-                                                   ("--gan-weight", "nan", "loss weights")])
+@pytest.mark.parametrize("option,value,message", [
+    ("--iters", "0", "iters must be at least 1"), ("--lr", "nan", "'--lr': 'nan'"),
+    ("--lr", "-1", "'--lr': '-1' is not > 0"), ("--lr", "0", "'--lr': '0' is not > 0"),
+    ("--gan-weight", "inf", "'--gan-weight': 'inf'"), ("--ema", "nan", "'--ema'"),
+    ("--res-scale", "nan", "'--res-scale'"), ("--device", "gpu", "'--device': 'gpu'")])
 def test_bad_numbers_are_refused_before_any_work(pairs, tmp_path, run_cli, option, value,
                                                 message):
     """0 iterations is not "the preset's", a NaN or negative learning rate is not a rate."""
@@ -557,6 +558,15 @@ def test_bad_numbers_are_refused_before_any_work(pairs, tmp_path, run_cli, optio
                 "--preset", "tiny", "--workers", "0", "--quiet", option, value)
     assert r.exit_code == 2 and message in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lr", float("nan"), "--lr nan"), ("lr", -1e-4, "positive"), ("w_gan", -1.0, "loss weights"),
+    ("w_percep", float("nan"), "loss weights"), ("iters", 0, "iters must be at least 1")])
+def test_library_config_checks_what_the_cli_checks(pairs, tmp_path, field, value, message):
+    """TrainConfig callers that bypass click get the same refusals."""
+    with pytest.raises(UserError, match=message):
+        _cfg(pairs, tmp_path, **{field: value}).resolved()
 
 
 def test_missing_or_corrupt_patch_is_named(pairs, tmp_path, run_cli):
@@ -604,6 +614,6 @@ def test_gan_stage_without_perceptual_term_needs_no_vgg(pairs, tmp_path, run_cli
     prov = load_model(tmp_path / "gan" / "model.pt")[1]["provenance"]
     assert prov["w_percep"] == 0 and prov["w_gan"] == 0.2
     r = run_cli(*args, "-1", "--out", tmp_path / "neg")
-    assert r.exit_code == 2 and "loss weights must be >= 0" in r.stderr
+    assert r.exit_code == 2 and "'--percep-weight': '-1' is not >= 0" in r.stderr
     r = run_cli(*args, "0", "--disc-feats", "-2", "--out", tmp_path / "neg")
     assert r.exit_code == 2 and "disc_feats must be at least 1" in r.stderr

@@ -9,12 +9,20 @@ import click
 
 from ..models import ARCHS, ModelConfig
 from ..models.blocks import UPSAMPLERS
-from ._common import emit_json, json_option, quiet_option
+from ._common import (
+    DEVICE,
+    FINITE,
+    NON_NEGATIVE,
+    POSITIVE,
+    emit_json,
+    json_option,
+    quiet_option,
+)
 
 # ModelConfig fields a user may set on the command line (--n-feats, --n-rcabs, ...)
 _MODEL_FIELDS = [f for f in dataclasses.fields(ModelConfig)
                  if f.name not in ("arch", "in_channels", "out_channels", "scale", "extra")]
-_PYTYPE = {"int": int, "float": float, "str": str}
+_PYTYPE = {"int": int, "float": FINITE, "str": str}
 
 
 def _model_options(f):
@@ -43,7 +51,7 @@ def _model_options(f):
 @click.option("--batch-size", type=int, default=None,
               help="Global batch of LR patches, split over processes (default: preset's; "
                    "paper 64).")
-@click.option("--lr", type=float, default=1e-4, show_default=True,
+@click.option("--lr", type=POSITIVE, default=1e-4, show_default=True,
               help="Adam learning rate, halved every --lr-step iterations.")
 @click.option("--lr-step", type=int, default=100_000, show_default=True,
               help="Halve the learning rate every N iterations (the paper: 1e5; short "
@@ -54,17 +62,17 @@ def _model_options(f):
 @click.option("--pixel-loss", type=click.Choice(["l1", "mse"]), default="l1", show_default=True,
               help="Pixel loss: l1 (the paper's) or mse (the PSNR-optimal mean; scores higher "
                    "PSNR where the LR leaves the HR uncertain, e.g. strongly smoothed scans).")
-@click.option("--ema", "ema", type=float, default=0.0, show_default=True, metavar="DECAY",
+@click.option("--ema", "ema", type=NON_NEGATIVE, default=0.0, show_default=True, metavar="DECAY",
               help="Keep an exponential moving average of the generator weights with this "
                    "decay (e.g. 0.999, with a warm-up); validation, the best checkpoint and "
                    "model.pt use it. 0: off.")
-@click.option("--gray-augment", type=float, default=0.0, show_default=True, metavar="P",
+@click.option("--gray-augment", type=NON_NEGATIVE, default=0.0, show_default=True, metavar="P",
               help="With probability P map each training pair's gray levels by a random "
                    "gain and offset (the same on LR and HR): robustness to scanners' "
                    "windows and contrast. 0: off.")
-@click.option("--gan-weight", type=float, default=0.1, show_default=True,
+@click.option("--gan-weight", type=NON_NEGATIVE, default=0.1, show_default=True,
               help="gan stage: weight of the relativistic GAN loss (the paper: 0.1).")
-@click.option("--percep-weight", type=float, default=0.5, show_default=True,
+@click.option("--percep-weight", type=NON_NEGATIVE, default=0.5, show_default=True,
               help="gan stage: weight of the VGG19 perceptual loss (the paper: 0.5). 0 drops "
                    "the term and the need for VGG19 weights (not the paper's GAN stage).")
 @click.option("--disc-feats", type=int, default=None,
@@ -77,7 +85,7 @@ def _model_options(f):
               help="Checkpoints kept (newest N plus the best by validation PSNR).")
 @click.option("--workers", type=int, default=2, show_default=True,
               help="Data-loading worker processes.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--amp/--no-amp", default=None,
               help="Mixed precision (bf16, or fp16 with a GradScaler); default on for CUDA.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -94,6 +94,22 @@ def test_cli_bad_requests_exit_2(tmp_path, run_cli, args):
 
 
 @pytest.mark.slow
+def test_too_large_a_phantom_is_refused_up_front(tmp_path, run_cli, monkeypatch):
+    """The memory estimate (40 bytes a voxel) against what the machine has: refused with the
+    sizes before any array is allocated, nothing written."""
+    from microct_sr import phantom
+
+    avail = phantom.available_memory_bytes()
+    assert avail is None or avail > 0  # read from /proc/meminfo where there is one
+    monkeypatch.setattr(phantom, "available_memory_bytes", lambda: 2**30)
+    r = run_cli("phantom", tmp_path / "big.tif", "--shape", "1024", "256", "256")
+    assert r.exit_code == 2 and "1024 x 256 x 256 needs about 2.5 GiB" in r.stderr
+    assert "1.0 GiB are available" in r.stderr and not list(tmp_path.iterdir())
+    r = run_cli("phantom", tmp_path / "ok.tif", "--shape", "16", "64", "64", "--thickness-um",
+                "40")
+    assert r.exit_code == 0, r.stderr
+
+
 def test_mask_from_real_vertebra_roi(shared_data, tmp_path, run_cli):
     """A real binary bone mask (BoneJ vertebra ROI, 300^3) gets gray values: its bone voxels
     are bright, its marrow dark, and the reported BV/TV is the mask's."""

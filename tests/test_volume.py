@@ -292,6 +292,26 @@ def test_sigterm_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch, run_cli):
+    """An uncompressed output larger than the free space fails up front, naming the output and
+    both sizes, and leaves nothing; compressed SimpleITK outputs (size unknown) are not held
+    to it."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4000, 4000))
+    for name in ("big.tif", "big.ome.tif", "big_dir", "big.nii"):
+        with pytest.raises(UserError, match=rf"{name}: the output needs 0\.00 GiB but only"):
+            create_volume_writer(tmp_path / name, (2, 64, 64), np.uint8, None)
+    assert list(tmp_path.iterdir()) == []
+    write_volume(tmp_path / "small.tif", np.zeros((2, 32, 32), np.uint8), None)  # 2 KiB fits
+    write_volume(tmp_path / "big.nii.gz", np.zeros((2, 64, 64), np.uint8), None)
+    r = run_cli("phantom", tmp_path / "ph.tif", "--shape", "16", "64", "64")
+    assert r.exit_code == 2 and "ph.tif: the output needs" in r.stderr
+    assert not (tmp_path / "ph.tif").exists()
+
+
 def test_overwrite_protection(tmp_path):
     a = _vol(np.uint8)
     p = write_volume(tmp_path / "v.tif", a, SPACING)
@@ -610,7 +630,8 @@ def test_plain_multipage_tiff_and_slicing(tmp_path):
 def test_failed_writer_creation_leaves_nothing(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises((MemoryError, ValueError)):  # SimpleITK writers buffer: too big
-        create_volume_writer(tmp_path / "huge.nii", (10**6, 10**6, 10**6), np.uint8, None)
+        # compressed, so the free-space check (a UserError) does not come first
+        create_volume_writer(tmp_path / "huge.nii.gz", (10**6, 10**6, 10**6), np.uint8, None)
     assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is before
 
 

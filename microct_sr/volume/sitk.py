@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 _IMAGE_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".mha": "MetaImageIO",
              ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
              ".dcm": "GDCMImageIO"}
+# Written compressed (their size on disk is not known up front)
+_COMPRESSED = (".nii.gz", ".nrrd", ".mha")
 # What a MetaImage writer may put beside its header when the data go to a separate file.
 _COMPANIONS = (".mhd", ".raw", ".zraw")
 
@@ -318,6 +320,9 @@ class SitkWriter(VolumeWriter):
         suffix = sitk_suffix(self.path)
         return self.path.name[:len(self.path.name) - len(suffix)] + suffix
 
+    def _uncompressed(self) -> bool:
+        return sitk_suffix(self.path) not in _COMPRESSED
+
     def _finish(self) -> None:
         import SimpleITK as sitk
 
@@ -327,7 +332,7 @@ class SitkWriter(VolumeWriter):
         writer = sitk.ImageFileWriter()
         writer.SetImageIO(_IMAGE_IO[sitk_suffix(self.path)])
         writer.SetFileName(str(self.tmp))
-        writer.SetUseCompression(sitk_suffix(self.path) in (".nii.gz", ".nrrd", ".mha"))
+        writer.SetUseCompression(sitk_suffix(self.path) in _COMPRESSED)
         try:
             writer.Execute(img)
         except RuntimeError as e:

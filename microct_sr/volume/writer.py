@@ -67,6 +67,8 @@ class VolumeWriter:
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise ValueError(f"shape must be (z, y, x) with positive sizes, got {shape}")
         _check_target(self.path, overwrite, folder=self.kind == "nrecon")
+        if self._uncompressed():
+            _check_free_space(self.path, int(np.prod(self.shape)) * self.dtype.itemsize)
         self.tmp = self.path.parent / f"{TMP_PREFIX}{os.getpid()}-{self._tmp_name()}"
         _remove(self.tmp)
         _remove_stale(self.path)
@@ -81,6 +83,10 @@ class VolumeWriter:
     def _tmp_name(self) -> str:
         """The output's name as the temporary name ends (``.microct-sr-tmp-<pid>-<this>``)."""
         return self.path.name
+
+    def _uncompressed(self) -> bool:
+        """Whether the output takes its full voxel size on disk (checked against free space)."""
+        return True
 
     def _open(self) -> None:
         """Create the temporary output."""
@@ -164,6 +170,18 @@ def _check_target(path: Path, overwrite: bool, folder: bool) -> None:
         raise UserError(f"exists and is {kind}; refusing to replace it", path)
     if folder:
         _check_replaceable_folder(path)
+
+
+def _check_free_space(path: Path, nbytes: int) -> None:
+    """UserError naming ``path`` when its file system has less free space than the output
+    needs (an 8x output is 64x its input): found before the work, not after it."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:  # not every file system reports it
+        return
+    if nbytes > free:
+        raise UserError(f"the output needs {nbytes / 2**30:.2f} GiB but only "
+                        f"{free / 2**30:.2f} GiB are free there", path)
 
 
 _REPLACEABLE = set(IMAGE_SUFFIXES) | {".log", ".json", ".csv", ".txt", ".png"}

@@ -11,8 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-from test_upscale_cli import make_model
-from test_volume import _dicom_series, _mha_with
+from _volume_files import dicom_series, make_model, mha_with
 
 from microct_sr.volume import write_volume
 
@@ -149,7 +148,7 @@ def _bad_truncated_nifti(tmp: Path):
 
 def _bad_zero_size(dims: str):
     """A case maker: an MHA whose header says ``DimSize = dims`` (x y z) with a zero in it."""
-    return lambda tmp: (_mha_with(tmp, "e.mha", "DimSize", dims), "e.mha")
+    return lambda tmp: (mha_with(tmp, "e.mha", "DimSize", dims), "e.mha")
 
 
 def _bad_bool_tiff(tmp: Path):
@@ -158,12 +157,12 @@ def _bad_bool_tiff(tmp: Path):
 
 
 def _bad_dicom_sizes(tmp: Path):
-    _dicom_series(tmp / "d", [np.zeros((8, 8), np.int16)] * 2 + [np.zeros((6, 6), np.int16)])
+    dicom_series(tmp / "d", [np.zeros((8, 8), np.int16)] * 2 + [np.zeros((6, 6), np.int16)])
     return tmp / "d", "slice002.dcm"
 
 
 def _bad_dicom_truncated(tmp: Path):
-    files = _dicom_series(tmp / "d", [np.zeros((8, 8), np.int16)] * 4)
+    files = dicom_series(tmp / "d", [np.zeros((8, 8), np.int16)] * 4)
     files[1].write_bytes(files[1].read_bytes()[:-100])
     return tmp / "d", "slice001.dcm"
 
@@ -227,7 +226,7 @@ def test_upscale_refuses_bad_input_before_any_work(tmp_path, run_cli, case):
 
 
 def test_negative_spacing_same_in_info_and_upscale(tmp_path, run_cli):
-    p = _mha_with(tmp_path, "nsp.mha", "ElementSpacing", "-0.08 0.08 0.08")
+    p = mha_with(tmp_path, "nsp.mha", "ElementSpacing", "-0.08 0.08 0.08")
     r = run_cli("info", p, "--json")
     assert _json(r)["spacing_um"] == [80.0, 80.0, 80.0] and "negative voxel size" in r.stderr
     model = make_model(tmp_path / "m.pt")

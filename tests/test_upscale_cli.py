@@ -14,22 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _volume_files import make_model
 
-from microct_sr.checkpoint import save_model
-from microct_sr.models import build_model, preset
 from microct_sr.volume import open_volume, write_volume
 
 JSON_KEYS = {"input", "output", "shape", "spacing_um", "dtype", "model", "device", "precision",
              "seconds", "slices_per_second"}
-
-
-def make_model(path: Path, name: str = "tiny", dtype: str = "uint8") -> Path:
-    """A randomly initialised model file, made inside the test (never shipped)."""
-    torch.manual_seed(0)
-    cfg = preset("r2rcan", name)
-    hi = 255 if dtype == "uint8" else 65535
-    return save_model(path, build_model(cfg), cfg, intensity={"window": [0, hi], "dtype": dtype},
-                      provenance={"stage": "test", "iterations": 0, "data": "random init"})
 
 
 def make_scan(path: Path, z: int = 20, yx: int = 24, dtype=np.uint8, seed: int = 0) -> Path:

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import tifffile
+from _volume_files import dicom_series, mha_with
 
 from microct_sr import volume
 from microct_sr.errors import UserError
-from microct_sr.volume import (create_volume_writer, open_volume, to_dtype, write_volume)
+from microct_sr.volume import create_volume_writer, open_volume, to_dtype, write_volume
 
 SPACING = (7.5, 2.5, 2.0)  # (z, y, x) um, all different so axis mix-ups show
 
@@ -204,31 +205,9 @@ def test_spacing_override_and_unknown_warning(tmp_path, caplog):
     assert v.spacing_um == (3.0, 1.0, 1.0) and v.spacing_source == "user"
 
 
-def _dicom_series(folder: Path, slices: list[np.ndarray], dz_mm: float = 0.05) -> list[Path]:
-    """One DICOM file per slice (pixel 0.02 x 0.03 mm, slices ``dz_mm`` apart), one series."""
-    folder.mkdir(exist_ok=True)
-    files = []
-    for i, s in enumerate(slices):
-        img = sitk.GetImageFromArray(s)
-        img.SetSpacing((0.02, 0.03))
-        img.SetOrigin((0.0, 0.0, dz_mm * i))
-        img.SetMetaData("0020|0032", f"0\\0\\{dz_mm * i}")
-        img.SetMetaData("0020|0013", str(i + 1))
-        img.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")
-        img.SetMetaData("0008|0060", "CT")
-        img.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.2")
-        img.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{i + 1}")
-        w = sitk.ImageFileWriter()
-        w.KeepOriginalImageUIDOn()
-        files.append(folder / f"slice{i:03d}.dcm")
-        w.SetFileName(str(files[-1]))
-        w.Execute(img)
-    return files
-
-
 def test_dicom_series_folder(tmp_path):
     a = _vol(np.int16, shape=(4, 8, 9)) // 4
-    _dicom_series(tmp_path, list(a))
+    dicom_series(tmp_path, list(a))
     v = open_volume(tmp_path)
     assert v.format == "sitk" and v.shape == (4, 8, 9)
     assert v.metadata["files"] == 4
@@ -238,14 +217,14 @@ def test_dicom_series_folder(tmp_path):
 
 def test_dicom_slices_of_different_sizes_are_refused_by_name(tmp_path):
     z = np.zeros
-    _dicom_series(tmp_path, [z((8, 8), np.int16), z((8, 8), np.int16), z((6, 6), np.int16)])
+    dicom_series(tmp_path, [z((8, 8), np.int16), z((8, 8), np.int16), z((6, 6), np.int16)])
     with pytest.raises(UserError, match=r"slice002\.dcm: slice size 6x6 differs"):
         open_volume(tmp_path)
 
 
 @pytest.mark.parametrize("keep", [200, -100])  # header cut / pixel data cut
 def test_truncated_dicom_slice_is_refused_not_dropped(tmp_path, keep):
-    files = _dicom_series(tmp_path, list(_vol(np.int16, shape=(4, 8, 9)) // 4))
+    files = dicom_series(tmp_path, list(_vol(np.int16, shape=(4, 8, 9)) // 4))
     files[2].write_bytes(files[2].read_bytes()[:keep])
     with pytest.raises(UserError, match=r"slice002\.dcm: DICOM file that belongs to no series"):
         open_volume(tmp_path)
@@ -371,19 +350,8 @@ def test_stale_temp_with_lower_case_suffix_is_removed(tmp_path):
     assert os.listdir(tmp_path) == ["x.MHA"]
 
 
-def _mha_with(tmp_path: Path, name: str, key: str, value: str) -> Path:
-    """An MHA (4 x 8 x 8 uint8, 80 um) whose header line ``key = ...`` says ``value``."""
-    img = sitk.GetImageFromArray(np.arange(256, dtype=np.uint8).reshape(4, 8, 8))
-    img.SetSpacing((0.08, 0.08, 0.08))
-    sitk.WriteImage(img, str(tmp_path / "ok.mha"))
-    lines = (tmp_path / "ok.mha").read_bytes().split(b"\n")
-    lines = [f"{key} = {value}".encode() if ln.startswith(key.encode()) else ln for ln in lines]
-    (tmp_path / name).write_bytes(b"\n".join(lines))
-    return tmp_path / name
-
-
 def test_negative_header_spacing_is_its_absolute_value(tmp_path, caplog):
-    p = _mha_with(tmp_path, "nsp.mha", "ElementSpacing", "-0.08 0.08 0.08")
+    p = mha_with(tmp_path, "nsp.mha", "ElementSpacing", "-0.08 0.08 0.08")
     with caplog.at_level(logging.WARNING):
         v = open_volume(p)
     assert v.spacing_um == pytest.approx((80.0, 80.0, 80.0))
@@ -395,14 +363,14 @@ def test_negative_header_spacing_is_its_absolute_value(tmp_path, caplog):
 
 def test_zero_header_spacing_is_unknown(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        v = open_volume(_mha_with(tmp_path, "zsp.mha", "ElementSpacing", "0 0.08 0.08"))
+        v = open_volume(mha_with(tmp_path, "zsp.mha", "ElementSpacing", "0 0.08 0.08"))
     assert v.spacing_um is None and v.spacing_source == "unknown" and "zsp.mha" in caplog.text
 
 
 @pytest.mark.parametrize("dims", ["8 8 0", "0 8 4"])
 def test_zero_size_dimension_is_a_user_error(tmp_path, dims):
     with pytest.raises(UserError, match=r"e\.mha: empty volume.*zero-size"):
-        open_volume(_mha_with(tmp_path, "e.mha", "DimSize", dims))
+        open_volume(mha_with(tmp_path, "e.mha", "DimSize", dims))
 
 
 def test_bool_tiff_is_refused_on_opening(tmp_path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 from scipy import ndimage
+from tifffile import imread
 
 from microct_sr.metrics import fidelity, perceptual
 from microct_sr.volume import write_volume
@@ -70,8 +72,6 @@ def test_single_form_json_grid_and_values(run_cli, data):
     out = run_json(run_cli, f["good"], f["hr"])
     assert list(out) == KEYS
     assert out["n_slices"] == 4
-    from tifffile import imread
-
     want = expected_psnr(imread(f["good"]), hr[4::8])  # SR slice k <-> HR slice 8k+4
     assert out["psnr"]["mean"] == pytest.approx(np.mean(want), abs=1e-9)
     assert out["psnr"]["std"] == pytest.approx(np.std(want), abs=1e-9)
@@ -106,6 +106,27 @@ def test_hr_slab_mean_mode_and_equal_shapes(run_cli, data):
     same = run_json(run_cli, f["same"], f["hr"], "--metrics", "psnr,ssim")
     assert same["n_slices"] == 32 and same["psnr"]["mean"] > 30
     assert any("same slice count" in n for n in same["notes"])
+
+
+@pytest.mark.parametrize("n_hr,mode,n_compared", [(28, "middle", 3), (29, "middle", 4),
+                                                   (29, "mean", 3)])
+def test_lr_grid_rounded_up_compares_slices_with_an_hr_slice(run_cli, data, tmp_path, n_hr,
+                                                             mode, n_compared):
+    """simulate rounds the LR slice count up (28 HR slices -> 4 LR slices): SR slice 3 has
+    HR slice 8*3+4 = 28 only when HR has 29 slices, its full slab never; the rest is compared
+    and the left-out slice is noted (once exit 2: "fits neither")."""
+    _, hr, f = data
+    short = write_volume(tmp_path / "hr_short.tif", hr[:n_hr], (10.0, 10.0, 10.0))
+    out = run_json(run_cli, "--hr", short, "--sr", f"Good={f['good']}", "--bicubic", "--lr",
+                   f["lr"], "--metrics", "psnr,morph", "--hr-slice", mode)
+    assert [o["n_slices"] for o in out] == [n_compared, n_compared]
+    if mode == "middle":
+        want = expected_psnr(imread(f["good"])[:n_compared], hr[4::8][:n_compared])
+        assert out[0]["psnr"]["mean"] == pytest.approx(np.mean(want), abs=1e-9)
+    left_out = [n for n in out[0]["notes"] if "left out" in n]
+    assert (n_compared == 4) != bool(left_out)
+    assert all("SR slice 3 left out" in n and f"HR has {n_hr} slices" in n for n in left_out)
+    assert out[0]["morphometry"]["bv_tv"]["hr"] == out[1]["morphometry"]["bv_tv"]["hr"]
 
 
 def test_16_bit_rule(run_cli, data, tmp_path):
@@ -167,6 +188,9 @@ def bad_files(data):
     d, hr, f = data
     write_volume(d / "narrow.tif", hr[4::8, :100, :100], (80.0, 10.0, 10.0))
     write_volume(d / "five.tif", hr[:5], (80.0, 10.0, 10.0))
+    write_volume(d / "hr3.tif", hr[:3], (10.0, 10.0, 10.0))  # no HR slice 4 for SR slice 0
+    write_volume(d / "one.tif", hr[4:5], (80.0, 10.0, 10.0))
+    write_volume(d / "bicubic.tif", hr[4::8], (80.0, 10.0, 10.0))  # stem = the --bicubic label
     nan = hr[4::8].astype(np.float32)
     nan[2, 5, 5] = np.nan
     write_volume(d / "nan.tif", nan, (80.0, 10.0, 10.0))
@@ -183,6 +207,7 @@ def bad_files(data):
 @pytest.mark.parametrize("args,message", [
     (["{d}/narrow.tif", "{d}/hr.tif"], "in-plane size"),
     (["{d}/five.tif", "{d}/hr.tif"], "slice count"),
+    (["{d}/one.tif", "{d}/hr3.tif"], "no selected SR slice (--slices) has its HR slice"),
     (["{d}/nan.tif", "{d}/hr_float.tif"], "NaN or Inf"),
     (["{d}/sr_float.tif", "{d}/hr_inf.tif"], "NaN or Inf"),
     (["{d}/empty.tif", "{d}/hr.tif"], "empty"),
@@ -190,10 +215,19 @@ def bad_files(data):
     (["{d}/good.tif", "{d}/hr.tif", "--metrics", "psnr,lpips"], "unknown metric"),
     (["{d}/good.tif", "{d}/hr.tif", "--iqa-weights", "{d}/no_such_dir"], "weights folder"),
     (["{d}/good.tif", "{d}/hr.tif", "--slices", "3:1"], "selects no slice"),
+    (["{d}/good.tif", "{d}/hr.tif", "--crop-border", "64"], "--crop-border 64 leaves nothing"),
+    (["{d}/good.tif", "{d}/hr.tif", "--metrics", "psnr,ssim", "--crop-border", "59"],
+     "--crop-border 59 leaves 10x10 px of 128x128 slices, smaller than SSIM's 11x11 window"),
     (["{d}/good.tif", "{d}/hr.tif", "--slices", "x"], "A:B"),
     (["{d}/good.tif", "{d}/hr.tif", "--bicubic"], "--lr"),
     (["{d}/good.tif", "{d}/hr.tif", "--hr", "{d}/hr.tif"], "not both"),
     (["--hr", "{d}/hr.tif", "--sr", "nameonly"], "NAME=PATH"),
+    (["--hr", "{d}/hr.tif", "--sr", "A={d}/good.tif", "--sr", "a={d}/bad.tif"],
+     "two methods are labelled 'A' and 'a'"),
+    (["--hr", "{d}/hr.tif", "--sr", "Bicubic={d}/good.tif", "--bicubic", "--lr", "{d}/lr.tif"],
+     "two methods are labelled 'Bicubic' twice"),
+    (["{d}/bicubic.tif", "{d}/hr.tif", "--bicubic", "--lr", "{d}/lr.tif"],
+     "labelled 'bicubic' and 'Bicubic'"),
     (["{d}/good.tif", "{d}/missing.tif"], "no such file"),
     (["{d}/good.tif", "{d}/hr.tif", "--csv", "{d}/no_dir/x.csv"], "output folder"),
 ])
@@ -202,6 +236,26 @@ def test_bad_input_exits_2(run_cli, bad_files, args, message):
     r = run_cli("evaluate", *[a.format(d=d) for a in args], "--quiet")
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert message in r.stderr
+
+
+def test_pipe_in_a_label_is_escaped_in_the_markdown_table(run_cli, data, tmp_path):
+    f = data[2]
+    table = tmp_path / "t.md"
+    out = run_json(run_cli, "--hr", f["hr"], "--sr", f"R2RCAN|GAN={f['good']}", "--sr",
+                   f"Bad={f['bad']}", "--metrics", "psnr", "--table", table)
+    assert out[0]["label"] == "R2RCAN|GAN"  # JSON keeps the label as given
+    lines = table.read_text().splitlines()
+    assert lines[2].startswith(r"| R2RCAN\|GAN ")
+    cells = [len(re.split(r"(?<!\\)\|", line)) for line in lines]
+    assert len(set(cells)) == 1  # every row has the header's column count
+
+
+def test_crop_border_leaving_less_than_ssims_window_is_fine_without_ssim(run_cli, data):
+    _, hr, f = data
+    out = run_json(run_cli, f["good"], f["hr"], "--metrics", "psnr", "--crop-border", "59")
+    assert out["ssim"] is None
+    want = expected_psnr(imread(f["good"]), hr[4::8], border=59)
+    assert out["psnr"]["mean"] == pytest.approx(np.mean(want), abs=1e-9)
 
 
 def test_unsupported_plot_suffix_exits_2_before_any_metric(run_cli, data, tmp_path,

@@ -65,6 +65,15 @@ def test_ssim_one_for_identical_and_drops_with_noise():
     assert 1.0 > scores[0] > scores[1] > scores[2]
 
 
+def test_ssim_window_is_11_px_and_smaller_images_are_refused_clearly():
+    """scikit-image's Gaussian SSIM window (sigma 1.5) is 11x11, not the 7x7 its error names."""
+    img = np.random.default_rng(0).uniform(0, 255, (11, 11))
+    assert fidelity.SSIM_WINDOW == 11
+    assert fidelity.ssim(img, img) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 11x11 pixels, got 10x11"):
+        fidelity.ssim(img[:10], img[:10])
+
+
 def test_crop_border():
     a = np.arange(100).reshape(10, 10)
     assert fidelity.crop_border(a, 4).shape == (2, 2)

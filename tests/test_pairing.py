@@ -510,3 +510,22 @@ def test_motion_from_simulation_json_cuts_aligned_patches(run_cli, tmp_path):
                   tmp_path / "missing.json")
     assert bad.exit_code == 2 and "missing.json" in bad.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_hr_shorter_than_lr_pairs_the_covered_slices(run_cli, phantom_pair, tmp_path):
+    """An HR covering only the first LR slices once crashed the Z search (empty HR slab list):
+    the covered LR slices are paired, with a warning naming how many."""
+    import csv
+
+    import tifffile
+
+    short = _write_tif(tmp_path / "hr_short.tif", tifffile.imread(phantom_pair.hr)[:20], 10.0)
+    res = run_cli("pair", phantom_pair.lr, short, tmp_path / "o", "--lr-patch", "8", "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["registration"]["z_offset_hr_slices"] == phantom_pair.z_offset
+    covered = (20 - phantom_pair.z_offset) // FACTOR  # LR slices whose 8-slice HR slab exists
+    assert doc["slices"] == covered and doc["patches"] > 0
+    assert f"covers only {covered} of the 7 LR slices" in res.stderr
+    with open(tmp_path / "o" / "pairs.csv", newline="") as fh:
+        assert {int(r["lr_slice"]) for r in csv.DictReader(fh)} <= set(range(covered))

@@ -29,6 +29,7 @@ FACTOR = 8
 ALL_METRICS = ("psnr", "ssim", "niqe", "ma", "pi", "morph")
 PERCEPTUAL = frozenset({"niqe", "ma", "pi"})
 HR_SLICE_MODES = ("middle", "mean")
+BICUBIC_LABEL = "Bicubic"  # the row of --bicubic
 MORPH_MAX_VOXELS = 16_000_000  # morphometry on a central window beyond this (time, memory)
 
 
@@ -57,6 +58,19 @@ def parse_metrics(text: str | None) -> tuple[set[str], bool]:
     return names, True
 
 
+def check_labels(labels: list[str]) -> None:
+    """UserError when two methods share a label (case-insensitive): their rows would merge."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        first = seen.get(label.casefold())
+        if first is not None:
+            same = f"{label!r} twice" if first == label else f"{first!r} and {label!r}"
+            raise UserError(f"two methods are labelled {same} (labels are case-insensitive; the "
+                            f"--bicubic row is {BICUBIC_LABEL!r}): give each --sr NAME=PATH "
+                            "(or --label) a distinct name")
+        seen[label.casefold()] = label
+
+
 def parse_slices(text: str | None) -> tuple[int | None, int | None] | None:
     """``"A:B"`` (either may be empty) -> (A, B) in SR slice indices; UserError if malformed."""
     if text is None:
@@ -75,13 +89,17 @@ def parse_slices(text: str | None) -> tuple[int | None, int | None] | None:
 
 @dataclass(frozen=True)
 class Grid:
-    """How SR slices map onto HR: ``factor_z`` is 1 (same shape) or 8 (SR from ``upscale``)."""
+    """How SR slices map onto HR: ``factor_z`` is 1 (same shape) or 8 (SR from ``upscale``).
+
+    ``n_hr`` is HR's slice count: with an LR grid rounded up (``simulate`` of an HR whose
+    slice count is not a multiple of 8) the last SR slice may have no HR slice to compare."""
 
     factor_z: int
     n_slices: int
     height: int
     width: int
     hr_cropped: bool
+    n_hr: int
 
     def hr_range(self, k: int, mode: str) -> tuple[int, int]:
         """HR slices [z0, z1) compared with SR slice ``k``."""
@@ -91,6 +109,10 @@ class Grid:
         if mode == "mean":
             return z0, z0 + self.factor_z
         return z0 + self.factor_z // 2, z0 + self.factor_z // 2 + 1
+
+    def n_comparable(self, mode: str) -> int:
+        """SR slices 0..n-1 whose HR slices (``hr_range``) all exist."""
+        return sum(1 for k in range(self.n_slices) if self.hr_range(k, mode)[1] <= self.n_hr)
 
     def describe(self, mode: str) -> str:
         if self.factor_z == 1:
@@ -102,6 +124,12 @@ class Grid:
             text = (f"SR slice k (one per LR slice) is compared with HR slice {FACTOR}k+"
                     f"{FACTOR // 2}, the middle of the slab [{FACTOR}k, {FACTOR}k+{FACTOR}) "
                     "that LR slice k covers")
+        m = self.n_comparable(mode)
+        if m < self.n_slices:
+            left = f"slice {m}" if m == self.n_slices - 1 else f"slices {m}..{self.n_slices - 1}"
+            text += (f"; SR {left} left out (not compared): HR has {self.n_hr} slices, not the "
+                     f"{FACTOR * self.n_slices} of {self.n_slices} LR slices (the LR grid rounded "
+                     "up, as simulate makes it), so the HR slices to compare do not exist")
         if self.hr_cropped:
             text += (f"; HR cropped in-plane to the SR extent {self.height}x{self.width} "
                      f"(its size is not a multiple of {FACTOR})")
@@ -122,14 +150,16 @@ def match_grid(sr_shape: tuple[int, ...], hr_shape: tuple[int, ...], sr_path: An
     if not (same_plane or cropped_plane):
         raise UserError(f"in-plane size {h}x{w} of SR {sr_path} does not match HR {hr_path} "
                         f"({hh}x{wh}); SR must have HR's in-plane size (an {FACTOR}x upscale)")
+    lr_counts = sorted({nh // FACTOR, -(-nh // FACTOR)})  # LR grid rounded down or up
     if n == nh:
         factor = 1
-    elif nh // FACTOR == n:
+    elif n in lr_counts:
         factor = FACTOR
     else:
         raise UserError(f"slice count {n} of SR {sr_path} fits neither HR's {nh} slices nor "
-                        f"its {FACTOR}x coarser LR grid ({nh // FACTOR} slices)")
-    return Grid(factor, n, h, w, not same_plane)
+                        f"its {FACTOR}x coarser LR grid "
+                        f"({' or '.join(map(str, lr_counts))} slices)")
+    return Grid(factor, n, h, w, not same_plane, nh)
 
 
 class BicubicVolume:
@@ -211,6 +241,16 @@ def slice_range(n: int, slices: tuple[int | None, int | None] | None) -> tuple[i
     return start, stop
 
 
+def compared_range(grid: Grid, opts: EvalOptions) -> tuple[int, int]:
+    """[start, stop) of the SR slices evaluated: ``--slices`` less those without HR slices."""
+    k0, k1 = slice_range(grid.n_slices, opts.slices)
+    k1 = min(k1, grid.n_comparable(opts.hr_slice))
+    if k1 <= k0:
+        raise UserError(f"no selected SR slice (--slices) has its HR slice(s): "
+                        f"{grid.describe(opts.hr_slice)}")
+    return k0, k1
+
+
 def _read_checked(vol: VolumeLike, z0: int, z1: int) -> np.ndarray:
     a = vol.read(z0, z1)
     if a.dtype.kind == "f" and not np.isfinite(a).all():
@@ -230,7 +270,7 @@ def reference_stats(hr: VolumeLike, grid: Grid, opts: EvalOptions) -> Reference:
     from ..progress import progress
     from .morphometry import otsu_threshold_from_histogram
 
-    k0, k1 = slice_range(grid.n_slices, opts.slices)
+    k0, k1 = compared_range(grid, opts)
     dtype = np.dtype(hr.dtype)
     lo, hi = math.inf, -math.inf
     counts = np.zeros(1 << 16 if dtype.itemsize <= 2 and dtype.kind == "u" else 0, np.int64)
@@ -273,6 +313,18 @@ def check_pair(sr: VolumeLike, hr: VolumeLike) -> Grid:
     return grid
 
 
+def check_crop_border(grid: Grid, opts: EvalOptions) -> None:
+    """UserError when ``--crop-border`` leaves nothing, or less than SSIM's window for ssim."""
+    b, h, w = opts.crop_border, grid.height, grid.width
+    if 2 * b >= min(h, w):
+        raise UserError(f"--crop-border {b} leaves nothing of {h}x{w} slices")
+    win = fidelity.SSIM_WINDOW
+    if "ssim" in opts.metrics and min(h, w) - 2 * b < win:
+        raise UserError(f"--crop-border {b} leaves {h - 2 * b}x{w - 2 * b} px of {h}x{w} slices, "
+                        f"smaller than SSIM's {win}x{win} window; use a smaller --crop-border "
+                        "or leave ssim out of --metrics")
+
+
 def evaluate_volume(sr: VolumeLike, hr: VolumeLike, opts: EvalOptions, *, label: str,
                     scorer: Any = None, reference: Reference | None = None,
                     grid: Grid | None = None) -> EvalResult:
@@ -280,10 +332,9 @@ def evaluate_volume(sr: VolumeLike, hr: VolumeLike, opts: EvalOptions, *, label:
     None when no perceptual metric is wanted or pyiqa is missing); ``reference`` may be shared
     between methods on the same grid."""
     grid = grid or check_pair(sr, hr)
+    check_crop_border(grid, opts)
     reference = reference or reference_stats(hr, grid, opts)
     b = opts.crop_border
-    if 2 * b >= min(grid.height, grid.width):
-        raise UserError(f"--crop-border {b} leaves nothing of {grid.height}x{grid.width} slices")
     scorer = _fit_scorer(scorer, grid, opts)
     scan = _scan(sr, hr, grid, reference, opts, scorer, label)
 
@@ -497,6 +548,7 @@ def evaluate_files(hr_path: str | Path, methods: list[tuple[str, str | Path]], o
     when given, labelled "Bicubic") and evaluate each against HR on shared crops/statistics."""
     from ..volume import open_volume
 
+    check_labels([label for label, _ in methods] + ([BICUBIC_LABEL] if lr_path else []))
     if opts.hr_slice not in HR_SLICE_MODES:
         raise UserError(f"unknown HR slice mode {opts.hr_slice!r} (choose {HR_SLICE_MODES})")
     scorer = make_scorer(opts.metrics, opts.metrics_explicit, weights_dir)
@@ -506,8 +558,10 @@ def evaluate_files(hr_path: str | Path, methods: list[tuple[str, str | Path]], o
             (lab, stack.enter_context(open_volume(p))) for lab, p in methods]
         if lr_path is not None:
             lr = stack.enter_context(open_volume(lr_path))
-            volumes.append(("Bicubic", BicubicVolume(lr)))
+            volumes.append((BICUBIC_LABEL, BicubicVolume(lr)))
         grids = [check_pair(v, hr) for _, v in volumes]  # every input checked before any work
+        for grid in grids:
+            check_crop_border(grid, opts)
         references: dict[Grid, Reference] = {}
         results = []
         for (label, vol), grid in zip(volumes, grids):

@@ -15,6 +15,8 @@ import math
 import numpy as np
 
 PEAK = 255.0
+SSIM_SIGMA = 1.5
+SSIM_WINDOW = 2 * int(3.5 * SSIM_SIGMA + 0.5) + 1  # scikit-image's Gaussian window: 11 px
 
 
 def intensity_window(dtype: np.dtype, hr_min: float, hr_max: float) -> tuple[float, float]:
@@ -54,6 +56,7 @@ def ssim(sr: np.ndarray, hr: np.ndarray, peak: float = PEAK) -> float:
     """SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) on 0-255.
 
     2D images; an (H, W, 3) image is averaged over its channels. scikit-image does the work.
+    ValueError when an image is smaller than the ``SSIM_WINDOW`` x ``SSIM_WINDOW`` window.
     """
     from skimage.metrics import structural_similarity
 
@@ -62,7 +65,11 @@ def ssim(sr: np.ndarray, hr: np.ndarray, peak: float = PEAK) -> float:
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
     channel_axis = -1 if a.ndim == 3 else None
-    return float(structural_similarity(a, b, data_range=peak, gaussian_weights=True, sigma=1.5,
+    h, w = a.shape[:2]
+    if min(h, w) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {h}x{w}")
+    return float(structural_similarity(a, b, data_range=peak, gaussian_weights=True,
+                                       sigma=SSIM_SIGMA,
                                        use_sample_covariance=False, channel_axis=channel_axis))
 
 

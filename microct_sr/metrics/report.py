@@ -29,10 +29,15 @@ def _rel(morph: dict[str, Any] | None, key: str) -> str:
     return "n/a" if rel is None else f"{100 * rel:+.1f}%"
 
 
+def _md_cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell (``|`` escaped)."""
+    return text.replace("|", r"\|")
+
+
 def table_row(label: str, summary: dict[str, Any], scale: str = "x8") -> list[str]:
-    """One Table-1 row from an evaluation summary."""
+    """One Table-1 row from an evaluation summary (Markdown cells)."""
     m = summary.get("morphometry")
-    return [label, scale, _pm(summary.get("psnr"), 2), _pm(summary.get("ssim"), 4),
+    return [_md_cell(label), scale, _pm(summary.get("psnr"), 2), _pm(summary.get("ssim"), 4),
             _pm(summary.get("niqe"), 2), _pm(summary.get("ma"), 2), _pm(summary.get("pi"), 2),
             _rel(m, "bv_tv"), _rel(m, "tb_th_um")]
 

@@ -92,6 +92,7 @@ from .scans import (
     _path,
     _Reader,
     check_inputs,
+    coverage_warning,
     grid_upsample,
     hr_pixel_um,
     valid_lr_slices,
@@ -114,6 +115,7 @@ __all__ = [
     "area_down",
     "check_inputs",
     "combine",
+    "coverage_warning",
     "cubic_up",
     "detect",
     "fit_ransac",
@@ -186,8 +188,11 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
         (tmp / "lr").mkdir()
         (tmp / "hr").mkdir()
         rows, totals = [], {"candidates": 0, "outside": 0, "low_ncc": 0, "duplicates": 0}
-        n_valid = len(valid_lr_slices(lr.shape[0], hr.shape[0], opts.factor, reg.z_offset,
-                                      reg.z_offset))
+        ks = valid_lr_slices(lr.shape[0], hr.shape[0], opts.factor, reg.z_offset, reg.z_offset)
+        n_valid = len(ks)
+        warning = coverage_warning(lr.shape[0], ks, opts.factor, reg.z_offset)
+        if warning:
+            log.warning("%s: %s", scan_id, warning)
         bar = progress(total=n_valid, desc=f"pair {scan_id}", quiet=opts.quiet, unit="slice")
         with bar:
             for patches, st in iter_patches(lr, hr, reg, opts):

@@ -306,6 +306,8 @@ def z_profile(reader: _Reader, ks: list[int], rigid: Rigid, offsets: list[int],
     lo, hi = min(offsets), max(offsets)
 
     def one(k: int) -> dict[int, float]:
+        if not any(0 <= f * k + z0 and f * k + z0 + f <= n_hr for z0 in offsets):
+            return {}  # HR holds no candidate slab of this LR slice
         z_a, z_b = max(0, f * k + lo), min(n_hr, f * k + hi + f)
         down = np.stack([reader.hr_down(z, f) for z in range(z_a, z_b)])
         warped = warp_lr_to_hr_grid(reader.lr_slice(k), rigid, down.shape[1:])
@@ -473,9 +475,11 @@ def register(lr, hr, opts: PairOptions, scan_id: str = "scan") -> Registration:
 
 
 def _z_slices(n_lr: int, n_hr: int, f: int, offsets: list[int], n: int) -> list[int]:
-    """Up to ``n`` LR slices valid for every offset (or, failing that, for some)."""
+    """Up to ``n`` LR slices valid for every offset (or, failing that, for some: an HR scan
+    shorter than the LR holds no slab of some LR slices at some offsets)."""
     ks = valid_lr_slices(n_lr, n_hr, f, min(offsets), max(offsets))
-    return _sample(ks or list(range(n_lr)), n)
+    some = sorted({k for z in offsets for k in valid_lr_slices(n_lr, n_hr, f, z, z)})
+    return _sample(ks or some, n)
 
 
 def _check_fit(used: list[SliceFit], ks: list[int], opts: PairOptions, lr, hr) -> None:

@@ -97,6 +97,16 @@ def valid_lr_slices(n_lr: int, n_hr: int, factor: int, z_lo: int, z_hi: int) -> 
     return [k for k in range(n_lr) if factor * k + z_lo >= 0 and factor * k + z_hi + factor <= n_hr]
 
 
+def coverage_warning(n_lr: int, ks: list[int], factor: int, z_offset: int) -> str | None:
+    """A warning when the HR scan holds the slabs of only some LR slices ``ks`` (None when all)."""
+    if len(ks) == n_lr:
+        return None
+    span = f"{ks[0]}-{ks[-1]}" if ks else "none"
+    return (f"the HR scan covers only {len(ks)} of the {n_lr} LR slices (LR slices {span} at "
+            f"Z offset {z_offset} HR slices, {factor} HR slices each): patches are cut from "
+            "those only")
+
+
 def _sample(ks: list[int], n: int) -> list[int]:
     if len(ks) <= n:
         return list(ks)

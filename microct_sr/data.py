@@ -69,7 +69,20 @@ def pair_folders(dirs: Sequence[str | Path]) -> list[Path]:
             raise UserError("no pairs.csv here or in its subfolders: not a `microct-sr pair` "
                             "output folder", folder)
         found += subs
-    return found
+    return _unique_folders(found)
+
+
+def _unique_folders(folders: list[Path]) -> list[Path]:
+    """``folders`` without repeats of the same resolved folder (a folder given twice, or with
+    its parent), in first-seen order; a warning names what was dropped."""
+    seen: dict[Path, Path] = {}
+    for folder in folders:
+        if folder.resolve() in seen:
+            log.warning("pair folder %s is given more than once (as %s); counted once", folder,
+                        seen[folder.resolve()])
+        else:
+            seen[folder.resolve()] = folder
+    return list(seen.values())
 
 
 def read_pairs(dirs: Sequence[str | Path]) -> list[Pair]:
@@ -91,6 +104,38 @@ def read_pairs(dirs: Sequence[str | Path]) -> list[Pair]:
                     raise UserError(f"patch {p.patch_id} is listed in pairs.csv but missing", f)
         pairs += rows
     return pairs
+
+
+def patch_dtype(pairs: Sequence[Pair]) -> str:
+    """The dtype of the patches: read from the LR and HR patch of the first pair of each pair
+    folder (not every patch); UserError naming two files when they differ (8- and 16-bit data
+    pooled would need two intensity windows)."""
+    first: dict[Path, Pair] = {}
+    for p in pairs:
+        first.setdefault(p.folder, p)
+    found = _DtypeCheck()
+    for p in first.values():
+        for path in (p.lr_path, p.hr_path):
+            found.add(path, _read_patch(path).dtype)
+    return found.dtype
+
+
+class _DtypeCheck:
+    """Remembers the first patch's dtype; UserError for a patch of another dtype."""
+
+    def __init__(self):
+        self.first: tuple[Path, np.dtype] | None = None
+
+    def add(self, path: Path, dtype: np.dtype) -> None:
+        if self.first is None:
+            self.first = (path, dtype)
+        elif dtype != self.first[1]:
+            raise UserError(f"mixed patch dtypes: {self.first[0]} is {self.first[1]}, {path} is "
+                            f"{dtype}; train on one dtype (one intensity window) at a time")
+
+    @property
+    def dtype(self) -> str:
+        return "" if self.first is None else str(self.first[1])
 
 
 def make_split(scan_ids: Sequence[str], seed: int) -> dict[str, list[str]]:
@@ -259,15 +304,18 @@ class PatchDataset(Dataset):
 
 def estimate_window(dataset: PatchDataset, max_patches: int = 256) -> tuple[float, float]:
     """The intensity window (lo, hi) mapped to [0, 1]: the dtype's full range for 8-bit data,
-    otherwise the min and max over up to ``max_patches`` evenly spaced LR and HR patches."""
+    otherwise the min and max over up to ``max_patches`` evenly spaced LR and HR patches.
+    UserError naming two of them when their dtypes differ."""
     idx = np.unique(np.linspace(0, len(dataset) - 1, min(max_patches, len(dataset))).astype(int))
-    lo, hi, all_8bit = np.inf, -np.inf, True
+    lo, hi, dtypes = np.inf, -np.inf, _DtypeCheck()
     for i in idx:
         lr, hr = dataset.read_raw(int(i))
-        all_8bit = all_8bit and lr.dtype == np.uint8 and hr.dtype == np.uint8
+        p = dataset.pairs[int(i)]
+        for path, a in ((p.lr_path, lr), (p.hr_path, hr)):
+            dtypes.add(path, a.dtype)
         lo = min(lo, float(lr.min()), float(hr.min()))
         hi = max(hi, float(lr.max()), float(hr.max()))
-    if all_8bit:
+    if dtypes.dtype == "uint8":
         return 0.0, 255.0
     if not hi > lo:
         raise UserError("the training patches are constant: no intensity window")

@@ -25,6 +25,7 @@ import random
 import re
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint, load_model, save_model
 from .data import (SPLIT_FILE, IterationBatchSampler, PatchDataset, estimate_window, load_split,
-                   make_split, read_pairs, save_split, worker_batches)
+                   make_split, patch_dtype, read_pairs, save_split, worker_batches)
 from .errors import UserError
 from .losses import (VGGPerceptualLoss, l1_loss, mse_loss, ragan_d_loss, ragan_g_loss,
                      resolve_vgg_weights)
@@ -130,6 +131,9 @@ class TrainConfig:
                      "disc_feats"):
             if getattr(c, name) < 1:
                 raise UserError(f"{name} must be at least 1")
+        if c.workers < 0:
+            raise UserError(f"--workers {c.workers}: the number of data-loading processes "
+                            "must be 0 (load in the main process) or more")
         if c.pixel_loss not in PIXEL_LOSSES:
             raise UserError(f"unknown pixel loss {c.pixel_loss!r} "
                             f"(choose {', '.join(PIXEL_LOSSES)})")
@@ -144,6 +148,24 @@ class TrainConfig:
             raise UserError(f"--ema {c.ema}: the decay must be in [0, 1) (0 turns EMA off; "
                             "typical 0.999)")
         return c
+
+
+# TrainConfig fields that define a run, with their command-line spelling (bare: library only).
+# --resume takes those not given from the checkpoint and refuses given ones that differ.
+# arch and the model options are compared with the checkpoint's network (see _network_diffs).
+RUN_OPTIONS = {"stage": "--stage", "preset": "--preset", "batch_size": "--batch-size",
+               "lr": "--lr", "lr_step": "--lr-step", "lr_gamma": "lr_gamma", "betas": "betas",
+               "w_pix": "w_pix", "pixel_loss": "--pixel-loss", "w_gan": "--gan-weight",
+               "w_percep": "--percep-weight", "disc_feats": "--disc-feats",
+               "gray_augment": "--gray-augment", "ema": "--ema", "seed": "--seed",
+               "data": "--data", "split_file": "--split-file", "init": "--init",
+               "window": "window"}
+# May change on resume (--iters extends a run); taken from the checkpoint when not given.
+# The other fields (workers, device, amp, deterministic, vgg_weights, quiet ...) are the
+# machine's business: they come from the call as for a new run.
+RESUME_SCHEDULE = ("iters", "val_every", "save_every", "keep")
+_PATH_OPTIONS = ("split_file", "init")
+_TUPLE_FIELDS = ("betas", "window")  # tuples in TrainConfig, lists once saved
 
 
 def _or_preset(value: int | None, default: int) -> int:
@@ -192,14 +214,27 @@ class _Dist:
         return self.rank == 0
 
 
-def train(config: TrainConfig) -> dict:
-    """Run one stage; returns a summary (model path, iterations, val PSNR, speed)."""
-    cfg = config.resolved()
+def train(config: TrainConfig, given: Collection[str] | None = None) -> dict:
+    """Run one stage; returns a summary (model path, iterations, val PSNR, speed).
+
+    ``given``: the fields of ``config`` set explicitly (the CLI passes those on its command
+    line); with ``resume``, the run's fields not in it take the checkpoint's values and those
+    in it must match (:data:`RUN_OPTIONS`). None: every field counts as given. Resuming a run
+    that already reached ``iters`` (model.pt written) is a no-op reporting it.
+    """
+    resume_ckpt = _resume_checkpoint(config)
+    if resume_ckpt is None:
+        cfg = config.resolved()
+    else:
+        cfg = _resumed_config(config, resume_ckpt, given)
+        finished = _finished_summary(cfg, resume_ckpt)
+        if finished is not None:
+            return finished
     threads = torch.get_num_threads()
     dinfo = _init_distributed(cfg)
     try:
         _limit_cpu_threads(cfg)
-        summary = _Trainer(cfg, dinfo).run()
+        summary = _Trainer(cfg, dinfo, resume_ckpt).run()
         if dinfo.owns_group:  # leave together: rank 0 still writes model.pt, and a gloo peer
             dist.barrier()    # torn down under it has aborted a rank at exit (rare, seen once)
         return summary
@@ -207,6 +242,136 @@ def train(config: TrainConfig) -> dict:
         torch.set_num_threads(threads)
         if dinfo.owns_group:
             dist.destroy_process_group()
+
+
+def _check_out_dir(run_dir: Path) -> None:
+    """UserError unless ``run_dir`` is a folder or can be made one (no file on its path)."""
+    for p in (run_dir, *run_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"is a file, so --out {run_dir} cannot be a run folder", p)
+            return
+
+
+def _resume_checkpoint(cfg: TrainConfig) -> dict | None:
+    """Refuse to clobber a run; with ``resume`` the newest training checkpoint in RUN_DIR."""
+    run_dir = Path(cfg.out)
+    _check_out_dir(run_dir)
+    existing = _checkpoints(run_dir)
+    if not cfg.resume:
+        if existing or (run_dir / MODEL_FILE).exists():
+            raise UserError("already holds a training run; pass --resume to continue it or "
+                            "choose another --out", run_dir)
+        return None
+    if not existing:
+        raise UserError(f"--resume: no checkpoint in {run_dir / CKPT_DIR}", run_dir)
+    path = existing[max(existing)]
+    ckpt = load_checkpoint(path)
+    if "train_state" not in ckpt:
+        raise UserError("not a training checkpoint (no train_state)", path)
+    log.info("resuming from %s", path)
+    return ckpt
+
+
+def _resumed_config(config: TrainConfig, ckpt: dict, given: Collection[str] | None
+                    ) -> TrainConfig:
+    """``config`` resolved for resuming the run of ``ckpt``: the run's fields not ``given``
+    take the saved values; UserError listing each given one that differs."""
+    saved = ckpt["train_state"]["train_config"]
+    given = {f.name for f in dataclasses.fields(config)} if given is None else set(given)
+    kept = {k: tuple(saved[k]) if k in _TUPLE_FIELDS and saved[k] is not None else saved[k]
+            for k in (*RUN_OPTIONS, "arch", *RESUME_SCHEDULE) if k not in given and k in saved}
+    overrides = {**saved.get("model_overrides", {}), **config.model_overrides}
+    cfg = dataclasses.replace(config, model_overrides=overrides, **kept).resolved()
+    diffs = _option_diffs(cfg, saved, given) + _network_diffs(config, ckpt, saved, given)
+    if diffs:
+        raise UserError("--resume: the run was started with other options: " + "; ".join(diffs)
+                        + " (leave an option out to keep the run's value, or train into "
+                        "another --out)", cfg.out)
+    if cfg.iters < ckpt["train_state"]["iteration"]:
+        raise UserError(f"--iters {cfg.iters}: the run is already at iteration "
+                        f"{ckpt['train_state']['iteration']}; give more to extend it", cfg.out)
+    return cfg
+
+
+def _option_diffs(cfg: TrainConfig, saved: dict, given: set[str]) -> list[str]:
+    """``--option: saved X, given Y`` for each given :data:`RUN_OPTIONS` field that differs."""
+    return [f"{RUN_OPTIONS[k]}: saved {_shown(saved[k])}, given {_shown(getattr(cfg, k))}"
+            for k in RUN_OPTIONS if k in given and k in saved
+            and _comparable(k, saved[k]) != _comparable(k, getattr(cfg, k))]
+
+
+def _network_diffs(config: TrainConfig, ckpt: dict, saved: dict, given: set[str]) -> list[str]:
+    """``--arch``/model options that differ from the checkpoint's network (none when the run
+    started from --init: those options were ignored then and are now)."""
+    if saved.get("init"):
+        return []
+    asked = {**({"arch": config.arch} if "arch" in given else {}), **config.model_overrides}
+    return [f"--{k.replace('_', '-')}: saved {_shown(ckpt['config'].get(k))}, given {_shown(v)}"
+            for k, v in asked.items() if ckpt["config"].get(k) != v]
+
+
+def _comparable(name: str, value):
+    """A run option's value in a form that compares equal when it means the same."""
+    if name == "data":
+        return [str(Path(d).resolve()) for d in value]
+    if name in _PATH_OPTIONS and value is not None:
+        return str(Path(value).resolve())
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _shown(value) -> str:
+    """An option's value for a message: 0.0001, a b, none."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(_shown(v) for v in value)
+    return str(value)
+
+
+def _finished_summary(cfg: TrainConfig, ckpt: dict) -> dict | None:
+    """The report of a run that already reached ``cfg.iters`` and wrote model.pt (nothing is
+    rewritten), else None."""
+    it = int(ckpt["train_state"]["iteration"])
+    model_file = Path(cfg.out) / MODEL_FILE
+    if it < cfg.iters or not model_file.is_file():
+        return None
+    model = load_checkpoint(model_file)
+    if model.get("provenance", {}).get("iterations") != it:
+        return None  # model.pt is older than the newest checkpoint: write it again
+    log.info("%s: the run already finished at iteration %d; give --iters above %d to train "
+             "longer", cfg.out, it, it)
+    prov = model["provenance"]
+    best = {"psnr": prov.get("best_val_psnr"), "iteration": prov.get("best_iteration")}
+    return _summary(cfg, model["config"]["arch"], it, best, ckpt["train_state"]["split"],
+                    model["intensity"], _logged_val(Path(cfg.out), it),
+                    {"iterations_this_run": 0, "processes": 0, "device": None, "seconds": 0.0,
+                     "it_per_s": None, "data_wait_fraction": None})
+
+
+def _logged_val(run_dir: Path, it: int) -> tuple[float | None, float | None]:
+    """(val PSNR, bicubic PSNR) of iteration ``it`` in RUN_DIR/train_log.csv, else Nones."""
+    val: tuple[float | None, float | None] = (None, None)
+    if (run_dir / LOG_FILE).is_file():
+        with open(run_dir / LOG_FILE, newline="") as f:
+            for r in csv.DictReader(f):
+                if r.get("iteration") == str(it) and r.get("val_psnr"):
+                    val = (float(r["val_psnr"]),
+                           float(r["bicubic_psnr"]) if r.get("bicubic_psnr") else None)
+    return val
+
+
+def _summary(cfg: TrainConfig, arch: str, it: int, best: dict, split: dict, intensity: dict,
+             last_val: tuple, speed: dict) -> dict:
+    """What ``train`` returns; ``speed``: iterations_this_run, processes, device, timings."""
+    return {"run_dir": str(cfg.out), "model": str(Path(cfg.out) / MODEL_FILE),
+            "stage": cfg.stage, "arch": arch, "preset": cfg.preset, "iterations": it, **speed,
+            "val_psnr": last_val[0], "bicubic_val_psnr": last_val[1],
+            "best_val_psnr": best["psnr"], "best_iteration": best["iteration"],
+            "ema_decay": cfg.ema or None, "split": {k: len(v) for k, v in split.items()},
+            "intensity": intensity}
 
 
 def _limit_cpu_threads(cfg: TrainConfig) -> None:
@@ -312,12 +477,12 @@ class _NonFiniteLossError(RuntimeError):
 class _Trainer:
     """Holds the models, optimisers and data of one run; :meth:`run` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, dinfo: _Dist):
+    def __init__(self, cfg: TrainConfig, dinfo: _Dist, resume_ckpt: dict | None = None):
         self.cfg, self.d = cfg, dinfo
         self.run_dir = Path(cfg.out)
         self.device = _pick_device(cfg.device, dinfo.local_rank)
         _set_determinism(cfg, self.device)
-        resume_ckpt, init_ckpt = self._check_run_dir_and_files()
+        init_ckpt = self._check_files(resume_ckpt)
         self._setup_data(resume_ckpt)
         self._setup_models(resume_ckpt, init_ckpt)
         if resume_ckpt is not None:
@@ -327,44 +492,29 @@ class _Trainer:
         self._wrap_ddp()
 
     # -- files
-    def _check_run_dir_and_files(self) -> tuple[dict | None, dict | None]:
-        """Refuse to clobber a run, find the resume checkpoint, check VGG and --init first."""
+    def _check_files(self, resume_ckpt: dict | None) -> dict | None:
+        """Check VGG19 and --init before any work; the --init file's content, if one."""
         cfg = self.cfg
-        existing = _checkpoints(self.run_dir)
-        if cfg.resume and not existing:
-            raise UserError(f"--resume: no checkpoint in {self.run_dir / CKPT_DIR}", self.run_dir)
-        if not cfg.resume and (existing or (self.run_dir / MODEL_FILE).exists()):
-            raise UserError("already holds a training run; pass --resume to continue it or "
-                            "choose another --out", self.run_dir)
         if cfg.stage == "gan" and cfg.w_percep > 0:  # no perceptual term: no VGG19 needed
             self.vgg_path = (None if cfg.test_only_random_vgg  # checked before any work
                              else resolve_vgg_weights(cfg.vgg_weights))
-        resume_ckpt = None
-        if cfg.resume:
-            path = existing[max(existing)]
-            resume_ckpt = load_checkpoint(path)
-            if "train_state" not in resume_ckpt:
-                raise UserError("not a training checkpoint (no train_state)", path)
-            if resume_ckpt["train_state"]["stage"] != cfg.stage:
-                raise UserError(f"holds a {resume_ckpt['train_state']['stage']}-stage run, not "
-                                f"{cfg.stage}", path)
-            run_ema = float(resume_ckpt["train_state"]["train_config"].get("ema", 0.0))
-            if run_ema != cfg.ema:
-                raise UserError(f"--resume with --ema {cfg.ema:g}, but the run was started "
-                                f"with --ema {run_ema:g}; resume with --ema {run_ema:g}",
-                                self.run_dir)
-            log.info("resuming from %s", path)
-        init_ckpt = None
-        if cfg.init and resume_ckpt is None:
+        if resume_ckpt is not None:
+            return None
+        if cfg.init:
             self.init_model, init_ckpt = load_model(cfg.init)  # UserError for a bad file
-        elif cfg.stage == "gan" and resume_ckpt is None:
+            return init_ckpt
+        if cfg.stage == "gan":
             raise UserError("--stage gan starts from a psnr-stage model: pass --init CKPT")
-        return resume_ckpt, init_ckpt
+        return None
 
     # -- data
     def _setup_data(self, resume_ckpt: dict | None) -> None:
         cfg = self.cfg
         pairs = read_pairs(cfg.data)
+        dtype = patch_dtype(pairs)  # one patch per folder: mixed 8/16-bit data is refused
+        if resume_ckpt is not None and dtype != resume_ckpt["intensity"]["dtype"]:
+            raise UserError(f"the patches are {dtype}, the run trained on "
+                            f"{resume_ckpt['intensity']['dtype']}", cfg.data[0])
         scans = sorted({p.scan_id for p in pairs})
         if resume_ckpt is not None:
             self.split = resume_ckpt["train_state"]["split"]
@@ -385,13 +535,13 @@ class _Trainer:
             window = tuple(resume_ckpt["intensity"]["window"])
         else:
             window = tuple(cfg.window) if cfg.window else estimate_window(self.train_ds)
-        self.intensity = {"window": [float(window[0]), float(window[1])],
-                          "dtype": str(self.train_ds.read_raw(0)[1].dtype)}
+        self.intensity = {"window": [float(window[0]), float(window[1])], "dtype": dtype}
         self.train_ds.window = window
         self.val_ds = PatchDataset(pairs=pairs, scan_ids=self.split["val"], window=window)
         counts = {k: len(v) for k, v in self.split.items()}
-        log.info("data: %d folders, scans %s, %d train / %d val patches, window %s",
-                 len(cfg.data), counts, len(self.train_ds), len(self.val_ds), window)
+        log.info("data: %d pair folders, scans %s, %d train / %d val patches, window %s",
+                 len({p.folder for p in pairs}), counts, len(self.train_ds), len(self.val_ds),
+                 window)
         if self.d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_split(self.split, self.run_dir / SPLIT_FILE)
@@ -491,9 +641,6 @@ class _Trainer:
             self.ema.updates = int(s["ema"]["updates"])
         _set_rng_state(s["rng"])
         self.start, self.best = int(s["iteration"]), dict(s["best"])
-        if self.start >= self.cfg.iters:
-            log.warning("the run already reached iteration %d (--iters %d)", self.start,
-                        self.cfg.iters)
 
     def _provenance(self, iteration: int) -> dict:
         return {"stage": self.cfg.stage, "iterations": iteration, "data": self.cfg.data,
@@ -668,6 +815,8 @@ class _Trainer:
                     window = _Window()
             t_fetch = time.perf_counter()
         bar.close()
+        if it == cfg.iters == self.start and self.d.main:  # resumed at the end: model.pt only
+            last_val = self._validate()
         elapsed = time.perf_counter() - t_start
         return self._finish(it, elapsed, wait_total, last_val)
 
@@ -679,19 +828,13 @@ class _Trainer:
 
     def _finish(self, it: int, elapsed: float, wait: float, last_val) -> dict:
         done = it - self.start
-        summary = {"run_dir": str(self.run_dir), "model": str(self.run_dir / MODEL_FILE),
-                   "stage": self.cfg.stage, "arch": self.model_config.arch,
-                   "preset": self.cfg.preset, "iterations": it,
-                   "iterations_this_run": done, "processes": self.d.world,
-                   "device": str(self.device), "seconds": round(elapsed, 3),
-                   "it_per_s": round(done / elapsed, 4) if elapsed > 0 and done else None,
-                   "data_wait_fraction": round(wait / elapsed, 4) if elapsed > 0 and done
-                   else None,
-                   "val_psnr": last_val[0], "bicubic_val_psnr": last_val[1],
-                   "best_val_psnr": self.best["psnr"], "best_iteration": self.best["iteration"],
-                   "ema_decay": self.cfg.ema or None,
-                   "split": {k: len(v) for k, v in self.split.items()},
-                   "intensity": self.intensity}
+        speed = {"iterations_this_run": done, "processes": self.d.world,
+                 "device": str(self.device), "seconds": round(elapsed, 3),
+                 "it_per_s": round(done / elapsed, 4) if elapsed > 0 and done else None,
+                 "data_wait_fraction": round(wait / elapsed, 4) if elapsed > 0 and done
+                 else None}
+        summary = _summary(self.cfg, self.model_config.arch, it, self.best, self.split,
+                           self.intensity, last_val, speed)
         if self.d.main:
             save_model(self.run_dir / MODEL_FILE, self._eval_model, self.model_config,
                        intensity=self.intensity, provenance=self._provenance(it))

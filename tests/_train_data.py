@@ -58,3 +58,15 @@ def make_pair_folder(out: Path, scan_ids: list[str], patches_per_scan: int = 4,
         w.writeheader()
         w.writerows(rows)
     return out
+
+
+def make_16_bit_copy(src: Path, out: Path, gain: int = 100, offset: int = 1000) -> Path:
+    """A copy of the pair folder ``src`` whose patches are uint16 (``gain * x + offset``)."""
+    (out / "lr").mkdir(parents=True, exist_ok=True)
+    (out / "hr").mkdir(exist_ok=True)
+    for sub in ("lr", "hr"):
+        for p in (src / sub).glob("*.tif"):
+            tifffile.imwrite(out / sub / p.name, tifffile.imread(p).astype(np.uint16) * gain
+                             + offset)
+    (out / "pairs.csv").write_bytes((src / "pairs.csv").read_bytes())
+    return out

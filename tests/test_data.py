@@ -3,15 +3,17 @@ deterministic resumable batches, clear errors for bad folders."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import tifffile
 import torch
 
-from _train_data import make_pair_folder
+from _train_data import make_16_bit_copy, make_pair_folder
 from microct_sr.data import (GRAY_GAIN, GRAY_OFFSET, IterationBatchSampler, PatchDataset,
                              augment_pair, draw_gray, estimate_window, gray_transform, load_split,
-                             make_split, read_pairs, save_split)
+                             make_split, patch_dtype, read_pairs, save_split)
 from microct_sr.errors import UserError
 
 
@@ -148,19 +150,35 @@ def test_empty_and_missing_folders(tmp_path):
 
 
 def test_window_of_16_bit_data_is_its_range(tmp_path, folders):
-    src = PatchDataset(folders[:1], None)
-    out = tmp_path / "p16"
-    (out / "lr").mkdir(parents=True)
-    (out / "hr").mkdir()
-    rows, values = ["patch_id,scan_id"], []
-    for i, p in enumerate(src.pairs[:3]):
-        lr, hr = (a.astype(np.uint16) * 100 + 1000 for a in src.read_raw(i))
-        tifffile.imwrite(out / "lr" / f"{p.patch_id}.tif", lr)
-        tifffile.imwrite(out / "hr" / f"{p.patch_id}.tif", hr)
-        rows.append(f"{p.patch_id},{p.scan_id}")
-        values += [lr.min(), hr.min(), lr.max(), hr.max()]
-    (out / "pairs.csv").write_text("\n".join(rows) + "\n")
+    out = make_16_bit_copy(folders[0], tmp_path / "p16")
     ds = PatchDataset([out], None)
+    values = [f(a) for i in range(len(ds)) for a in ds.read_raw(i) for f in (np.min, np.max)]
     assert estimate_window(ds) == (float(min(values)), float(max(values)))
-    mixed = PatchDataset([out, folders[0]], None)  # 8- and 16-bit pooled: not [0, 255]
-    assert estimate_window(mixed)[1] == float(max(values))
+    assert patch_dtype(ds.pairs) == "uint16" and patch_dtype(read_pairs(folders)) == "uint8"
+
+
+def test_mixed_patch_dtypes_are_refused_naming_both_files(tmp_path, folders):
+    """8- and 16-bit patches pooled would need two windows: one patch per folder is read."""
+    out = make_16_bit_copy(folders[1], tmp_path / "p16")
+    for dirs in ([folders[0], out], [out, folders[0]]):
+        with pytest.raises(UserError, match="mixed patch dtypes") as e:
+            patch_dtype(read_pairs(dirs))
+        assert str(folders[0] / "lr") in str(e.value) and str(out / "lr") in str(e.value)
+        assert "uint8" in str(e.value) and "uint16" in str(e.value)
+        with pytest.raises(UserError, match="mixed patch dtypes"):
+            estimate_window(PatchDataset(dirs, None))
+    lr16 = next((folders[0] / "lr").glob("*.tif"))  # LR and HR of one pair disagree
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folders[0], mixed)
+    tifffile.imwrite(mixed / "lr" / lr16.name, tifffile.imread(lr16).astype(np.uint16))
+    with pytest.raises(UserError, match=f"{mixed / 'lr' / lr16.name} is uint16"):
+        estimate_window(PatchDataset([mixed], None))
+
+
+def test_a_folder_given_twice_counts_once(folders, caplog):
+    """The same folder twice, or with the parent that holds it, is pooled once."""
+    a, b = folders
+    assert read_pairs([a, a]) == read_pairs([a])
+    assert read_pairs([a, a.parent]) == read_pairs([a, b])
+    assert len(read_pairs([a.parent / ".." / a.parent.name / "a", a])) == len(read_pairs([a]))
+    assert "given more than once" in caplog.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import tifffile
 import torch
 
-from _train_data import make_pair_folder
+from _train_data import make_16_bit_copy, make_pair_folder
 from microct_sr import losses, train as train_mod
 from microct_sr.checkpoint import load_checkpoint, load_model
 from microct_sr.data import make_split
@@ -391,13 +392,129 @@ def test_cli_resume_with_another_ema_is_refused(pairs, tmp_path, run_cli):
     run = tmp_path / "run"
     r = run_cli(*args, run, "--iters", "1", "--ema", "0.9")
     assert r.exit_code == 0, r.stderr
-    r = run_cli(*args, run, "--iters", "2", "--resume")
-    assert r.exit_code == 2 and str(run) in r.stderr
-    assert "--ema 0," in r.stderr and "--ema 0.9" in r.stderr
-    r = run_cli(*args, run, "--iters", "2", "--resume", "--ema", "0.9")
+    r = run_cli(*args, run, "--iters", "2", "--resume", "--ema", "0")
+    assert r.exit_code == 2 and str(run) in r.stderr and "--ema: saved 0.9, given 0" in r.stderr
+    r = run_cli(*args, run, "--iters", "2", "--resume")  # not given: the run's 0.9
     assert r.exit_code == 0, r.stderr
+    assert load_model(run / "model.pt")[1]["provenance"]["ema_decay"] == 0.9
     r = run_cli(*args, tmp_path / "bad", "--ema", "1")
     assert r.exit_code == 2 and "[0, 1)" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def _newest_state(run_dir) -> dict:
+    """The train_state of the newest checkpoint in ``run_dir``."""
+    return load_checkpoint(max((run_dir / "checkpoints").glob("iter_*.pt")))["train_state"]
+
+
+def test_cli_resume_keeps_the_runs_options_and_refuses_others(pairs, tmp_path, run_cli):
+    """--resume with only --stage/--data/--out continues a run started with other than the
+    default options; options that define the run and differ are listed and refused (nothing
+    is written); --iters, --workers, --keep, --val-every may change."""
+    run = tmp_path / "run"
+    base = ["train", "--stage", "psnr", "--data", pairs[0], "--out", run, "--quiet"]
+    r = run_cli(*base, "--arch", "srcnn", "--preset", "tiny", "--batch-size", "2", "--lr", "1e-3",
+                "--pixel-loss", "mse", "--seed", "3", "--iters", "2", "--workers", "0")
+    assert r.exit_code == 0, r.stderr
+    r = run_cli(*base, "--resume", "--iters", "3", "--workers", "0", "--keep", "5",
+                "--val-every", "1", "--lr", "0.001")  # the same lr, spelled otherwise
+    assert r.exit_code == 0, r.stderr
+    state = _newest_state(run)
+    saved = state["train_config"]
+    assert state["iteration"] == 3 and saved["iters"] == 3 and saved["keep"] == 5
+    assert (saved["arch"], saved["preset"], saved["batch_size"], saved["lr"],
+            saved["pixel_loss"], saved["seed"]) == ("srcnn", "tiny", 2, 1e-3, "mse", 3)
+    prov = load_model(run / "model.pt")[1]["provenance"]
+    assert prov["preset"] == "tiny" and prov["pixel_loss"] == "mse"
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    r = run_cli(*base, "--resume", "--iters", "5", "--workers", "0", "--preset", "small",
+                "--pixel-loss", "l1", "--arch", "rcan", "--n-feats", "8", "--lr", "0.01",
+                "--batch-size", "4", "--data", pairs[1])
+    (error,) = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2
+    for diff in ("--preset: saved tiny, given small", "--pixel-loss: saved mse, given l1",
+                 "--arch: saved srcnn, given rcan", "given 8", "--lr: saved 0.001, given 0.01",
+                 "--batch-size: saved 2, given 4",
+                 f"--data: saved {pairs[0]}, given {pairs[0]} {pairs[1]}"):
+        assert diff in error, diff
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert _newest_state(run)["iteration"] == 3
+
+
+def test_library_resume_compares_every_run_option(pairs, tmp_path):
+    """TrainConfig callers pass the whole config: every run-defining field is compared."""
+    kw = {"arch": "srcnn", "iters": 1}
+    train(_cfg(pairs, tmp_path / "r", **kw))
+    with pytest.raises(UserError,
+                       match="--gray-augment: saved 0, given 0.5; --seed: saved 0, given 1"):
+        train(_cfg(pairs, tmp_path / "r", resume=True, seed=1, gray_augment=0.5, **kw))
+    with pytest.raises(UserError, match="lr_gamma: saved 0.5, given 0.1"):
+        train(_cfg(pairs, tmp_path / "r", resume=True, lr_gamma=0.1, **kw))
+    s = train(_cfg(pairs, tmp_path / "r", resume=True, **dict(kw, iters=2), workers=1))
+    assert s["iterations_this_run"] == 1
+
+
+def test_resume_of_a_finished_run_reports_it_and_writes_nothing(pairs, tmp_path):
+    """A finished run resumed again is a no-op (raise iters to extend it); a run whose last
+    checkpoint is final but model.pt is missing gets model.pt; iters below it are refused."""
+    run = tmp_path / "r"
+    kw = {"arch": "srcnn", "iters": 2, "val_every": 1}
+    first = train(_cfg(pairs, run, **kw))
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = train(_cfg(pairs, run, resume=True, **kw))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    assert again["iterations"] == 2 and again["iterations_this_run"] == 0
+    for k in ("val_psnr", "bicubic_val_psnr"):
+        assert again[k] == pytest.approx(first[k], rel=1e-5)
+    assert {k: again[k] for k in ("best_val_psnr", "best_iteration", "split", "intensity",
+                                  "arch")} == {k: first[k] for k in ("best_val_psnr",
+                                                                     "best_iteration", "split",
+                                                                     "intensity", "arch")}
+    (run / "model.pt").unlink()  # killed after the last checkpoint, before model.pt
+    s = train(_cfg(pairs, run, resume=True, **kw))
+    assert s["iterations_this_run"] == 0 and s["val_psnr"] == pytest.approx(first["val_psnr"])
+    assert load_model(run / "model.pt")[1]["provenance"]["iterations"] == 2
+    with pytest.raises(UserError, match="--iters 1: the run is already at iteration 2"):
+        train(_cfg(pairs, run, resume=True, **dict(kw, iters=1)))
+    assert train(_cfg(pairs, run, resume=True, **dict(kw, iters=3)))["iterations_this_run"] == 1
+
+
+def test_mixed_8_and_16_bit_data_is_refused_up_front(pairs, tmp_path, run_cli):
+    """Pooled uint8 and uint16 patches would get one window and the wrong dtype: exit 2
+    naming both folders; a resumed run whose patches changed dtype is refused too."""
+    p16 = make_16_bit_copy(Path(pairs[1]), tmp_path / "p16")
+    args = ["train", "--stage", "psnr", "--preset", "tiny", "--workers", "0", "--iters", "1",
+            "--batch-size", "2", "--arch", "srcnn", "--quiet"]
+    r = run_cli(*args, "--data", pairs[0], "--data", p16, "--out", tmp_path / "mix")
+    assert r.exit_code == 2 and "mixed patch dtypes" in r.stderr
+    assert all(s in r.stderr for s in (pairs[0], str(p16), "uint8", "uint16"))
+    assert not (tmp_path / "mix").exists()
+    data = tmp_path / "data"
+    shutil.copytree(pairs[1], data)
+    assert run_cli(*args, "--data", data, "--out", tmp_path / "run").exit_code == 0
+    shutil.rmtree(data)
+    make_16_bit_copy(Path(pairs[1]), data)
+    r = run_cli(*args, "--data", data, "--out", tmp_path / "run", "--resume", "--iters", "2")
+    assert r.exit_code == 2 and "the patches are uint16, the run trained on uint8" in r.stderr
+
+
+def test_same_data_folder_twice_is_counted_once(pairs, tmp_path, run_cli):
+    """a, a again and the parent of a and b pool the patches of a and b once each."""
+    args = ["train", "--stage", "psnr", "--preset", "tiny", "--workers", "0", "--iters", "1",
+            "--batch-size", "2", "--arch", "srcnn", "--quiet", "--data", pairs[0]]
+    runs = [run_cli(*args, *more, "--out", tmp_path / name) for name, more in (
+        ("ab", ["--data", pairs[1]]),
+        ("twice", ["--data", pairs[0], "--data", Path(pairs[0]).parent]))]
+    assert [r.exit_code for r in runs] == [0, 0], runs[1].stderr
+    counts = [re.search(r"\d+ train / \d+ val patches", r.stderr).group() for r in runs]
+    assert counts[0] == counts[1] and "given more than once" in runs[1].stderr
+
+
+def test_out_under_a_file_is_refused_before_any_work(pairs, tmp_path, run_cli):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = run_cli("train", "--stage", "psnr", "--data", pairs[0], "--out", afile / "sub",
+                "--preset", "tiny", "--workers", "0", "--quiet")
+    assert r.exit_code == 2 and f"{afile}: is a file" in r.stderr
 
 
 def test_cli_runs_and_refuses_to_clobber(pairs, tmp_path, run_cli):
@@ -550,7 +667,8 @@ def test_gray_augment_changes_the_batches_and_is_recorded(pairs, tmp_path):
     ("--iters", "0", "iters must be at least 1"), ("--lr", "nan", "'--lr': 'nan'"),
     ("--lr", "-1", "'--lr': '-1' is not > 0"), ("--lr", "0", "'--lr': '0' is not > 0"),
     ("--gan-weight", "inf", "'--gan-weight': 'inf'"), ("--ema", "nan", "'--ema'"),
-    ("--res-scale", "nan", "'--res-scale'"), ("--device", "gpu", "'--device': 'gpu'")])
+    ("--res-scale", "nan", "'--res-scale'"), ("--device", "gpu", "'--device': 'gpu'"),
+    ("--workers", "-1", "--workers -1")])
 def test_bad_numbers_are_refused_before_any_work(pairs, tmp_path, run_cli, option, value,
                                                 message):
     """0 iterations is not "the preset's", a NaN or negative learning rate is not a rate."""

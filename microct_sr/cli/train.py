@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import click
+from click.core import ParameterSource
 
 from ..models import ARCHS, ModelConfig
 from ..models.blocks import UPSAMPLERS
@@ -23,6 +24,15 @@ from ._common import (
 _MODEL_FIELDS = [f for f in dataclasses.fields(ModelConfig)
                  if f.name not in ("arch", "in_channels", "out_channels", "scale", "extra")]
 _PYTYPE = {"int": int, "float": FINITE, "str": str}
+# command-line parameters whose TrainConfig field has another name
+_FIELD = {"gan_weight": "w_gan", "percep_weight": "w_percep"}
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """The TrainConfig fields set on the command line (not left at their defaults): on
+    --resume the others keep the run's saved values."""
+    return {_FIELD.get(name, name) for name in ctx.params
+            if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
 
 
 def _model_options(f):
@@ -96,10 +106,11 @@ def _model_options(f):
               help='JSON {"train": [scan ids], "val": [...], "test": [...]}.')
 @json_option
 @quiet_option
-def command(stage, data, out, arch, preset, iters, batch_size, lr, lr_step, init, pixel_loss, ema,
-            gray_augment, gan_weight, percep_weight, disc_feats, resume, val_every, save_every, keep, workers,
-            device, amp, seed, deterministic, vgg_weights, split_file, as_json, quiet,
-            **model_options) -> None:
+@click.pass_context
+def command(ctx: click.Context, stage, data, out, arch, preset, iters, batch_size, lr, lr_step,
+            init, pixel_loss, ema, gray_augment, gan_weight, percep_weight, disc_feats, resume,
+            val_every, save_every, keep, workers, device, amp, seed, deterministic, vgg_weights,
+            split_file, as_json, quiet, **model_options) -> None:
     """Train a generator on LR/HR patch pairs (one stage per call)."""
     from ..train import TrainConfig, train
 
@@ -108,10 +119,10 @@ def command(stage, data, out, arch, preset, iters, batch_size, lr, lr_step, init
         data=list(data), out=out, stage=stage, arch=arch, preset=preset,
         model_overrides=overrides, iters=iters, batch_size=batch_size, lr=lr, lr_step=lr_step,
         init=init, ema=ema, pixel_loss=pixel_loss, gray_augment=gray_augment, w_gan=gan_weight,
-        w_percep=percep_weight, disc_feats=disc_feats, resume=resume, val_every=val_every, save_every=save_every,
-        keep=keep, workers=workers, device=device, amp=amp, seed=seed,
+        w_percep=percep_weight, disc_feats=disc_feats, resume=resume, val_every=val_every,
+        save_every=save_every, keep=keep, workers=workers, device=device, amp=amp, seed=seed,
         deterministic=deterministic, vgg_weights=vgg_weights, split_file=split_file, quiet=quiet)
-    summary = train(config)
+    summary = train(config, given=_given(ctx))
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     if as_json:

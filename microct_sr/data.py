@@ -183,6 +183,11 @@ def load_split(path: str | Path, scan_ids: Sequence[str] | None = None) -> dict[
         unknown = sorted(set(split["train"]) - set(scan_ids))
         if unknown:
             raise UserError(f"train scans not in the data: {unknown[:5]}", path)
+        unused = sorted(set(scan_ids) - set(seen))
+        if unused:  # deliberate in a recipe that holds scans back, a slip otherwise: say so
+            log.warning("%s: %d scan(s) in the data are in no split list and go unused: %s%s",
+                        path, len(unused), ", ".join(unused[:5]),
+                        " ..." if len(unused) > 5 else "")
     return split
 
 

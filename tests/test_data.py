@@ -61,6 +61,17 @@ def test_bad_split_file(tmp_path):
         load_split(f)
 
 
+def test_scans_left_out_of_a_split_file_are_named_in_a_warning(tmp_path, caplog):
+    f = tmp_path / "s.json"
+    f.write_text('{"train": ["a"], "val": ["b"]}')
+    with caplog.at_level("WARNING"):
+        assert load_split(f, ["a", "b"])["train"] == ["a"]
+    assert "unused" not in caplog.text
+    with caplog.at_level("WARNING"):
+        load_split(f, ["a", "b", "c", "d"])
+    assert "s.json: 2 scan(s) in the data are in no split list and go unused: c, d" in caplog.text
+
+
 def test_augmentation_keeps_lr_hr_correspondence(folders):
     ds = PatchDataset(folders, None)
     lr, hr = (a.astype(np.float64) for a in ds.read_raw(0))

@@ -169,14 +169,14 @@ def make_phantom(shape: tuple[int, int, int] = (128, 256, 256),
                  spacing_um: tuple[float, float, float] = (10.0, 10.0, 10.0),
                  bvtv: float = 0.25, thickness_um: float = 80.0, cortex: bool = True,
                  seed: int = 0, mask: np.ndarray | None = None, dtype: str = "uint8",
-                 ) -> tuple[np.ndarray, dict]:
+                 mask_path: str | None = None) -> tuple[np.ndarray, dict]:
     """An HR bone volume (z, y, x) of ``dtype`` and an info dict with the achieved values.
 
     ``mask`` (a binary bone volume, nonzero = bone) replaces the procedural geometry: it gets
     the same gray levels, partial-volume edges, PSF and noise; ``shape``, ``bvtv``,
-    ``thickness_um`` and ``cortex`` are then ignored.
+    ``thickness_um`` and ``cortex`` are then ignored; ``mask_path`` names it in messages.
     """
-    _check(shape, spacing_um, bvtv, thickness_um, dtype, mask)
+    _check(shape, spacing_um, bvtv, thickness_um, dtype, mask, mask_path)
     vox = float(np.mean(spacing_um[1:]))
     if mask is not None:
         frac = ndimage.gaussian_filter((mask > 0).astype(np.float32), 0.5)
@@ -224,15 +224,30 @@ def check_memory(shape: tuple[int, ...]) -> None:
                         "available (make it smaller)")
 
 
-def _check(shape, spacing_um, bvtv, thickness_um, dtype, mask) -> None:
+def check_mask(mask: np.ndarray, path: str | None = None) -> None:
+    """UserError unless ``mask`` is 3D, at least 8 voxels a side (as ``--shape``), with some
+    bone; a warning when it is not binary: every nonzero voxel counts as bone, so a gray image
+    given as a mask becomes nearly solid bone."""
+    if mask.ndim != 3 or min(mask.shape) < 8:
+        raise UserError(f"the mask must be 3D with at least 8 voxels a side, got shape "
+                        f"{mask.shape}", path)
+    if not mask.any():
+        raise UserError("the mask holds no bone (every voxel is 0)", path)
+    values = np.unique(mask[::max(1, mask.shape[0] // 16)])  # a few slices are enough
+    if len(values) > 2:
+        log.warning("%s: the mask is not binary (%d gray values in the sampled slices); every "
+                    "nonzero voxel counts as bone (BV/TV %.2f)", path or "mask", len(values),
+                    float(np.count_nonzero(mask)) / mask.size)
+
+
+def _check(shape, spacing_um, bvtv, thickness_um, dtype, mask, mask_path=None) -> None:
     check_memory(tuple(shape) if mask is None else mask.shape)
     if dtype not in ("uint8", "uint16"):
         raise UserError(f"--dtype must be uint8 or uint16, got {dtype!r}")
     if any(s <= 0 for s in spacing_um):
         raise UserError(f"voxel size must be positive, got {spacing_um}")
     if mask is not None:
-        if mask.ndim != 3:
-            raise UserError(f"the mask must be 3D, got shape {mask.shape}")
+        check_mask(mask, mask_path)
         return
     if len(shape) != 3 or min(shape) < 8:
         raise UserError(f"--shape must be three sizes Z Y X of at least 8, got {shape}")

@@ -93,7 +93,6 @@ def test_cli_bad_requests_exit_2(tmp_path, run_cli, args):
     assert r.exit_code == 2 and "error" in r.stderr
 
 
-@pytest.mark.slow
 def test_too_large_a_phantom_is_refused_up_front(tmp_path, run_cli, monkeypatch):
     """The memory estimate (40 bytes a voxel) against what the machine has: refused with the
     sizes before any array is allocated, nothing written."""
@@ -110,6 +109,31 @@ def test_too_large_a_phantom_is_refused_up_front(tmp_path, run_cli, monkeypatch)
     assert r.exit_code == 0, r.stderr
 
 
+def test_bad_masks_are_named_and_gray_masks_warned(tmp_path, run_cli):
+    """A mask too thin to be a volume, or with no bone, is refused naming the file; a gray
+    image given as a mask (nearly all voxels nonzero) works but says what it did."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    cases = {"flat.tif": (rng.random((4, 32, 32)) > 0.7, "at least 8 voxels a side"),
+             "empty.tif": (np.zeros((8, 32, 32), bool), "holds no bone")}
+    for name, (mask, problem) in cases.items():
+        tifffile.imwrite(tmp_path / name, mask.astype(np.uint8) * 255, photometric="minisblack")
+        r = run_cli("phantom", tmp_path / "o.tif", "--mask", tmp_path / name)
+        assert r.exit_code == 2 and f"{name}: " in r.stderr and problem in r.stderr, r.stderr
+    assert not (tmp_path / "o.tif").exists()
+    gray = rng.integers(1, 255, (8, 32, 32), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "gray.tif", gray, photometric="minisblack")
+    r = run_cli("phantom", tmp_path / "o.tif", "--mask", tmp_path / "gray.tif", "--json")
+    assert r.exit_code == 0 and "gray.tif: the mask is not binary" in r.stderr
+    assert "BV/TV 1.00" in r.stderr
+    binary = (gray > 128).astype(np.uint8) * 255
+    tifffile.imwrite(tmp_path / "bin.tif", binary, photometric="minisblack")
+    r = run_cli("phantom", tmp_path / "o2.tif", "--mask", tmp_path / "bin.tif")
+    assert r.exit_code == 0 and "not binary" not in r.stderr
+
+
+@pytest.mark.slow
 def test_mask_from_real_vertebra_roi(shared_data, tmp_path, run_cli):
     """A real binary bone mask (BoneJ vertebra ROI, 300^3) gets gray values: its bone voxels
     are bright, its marrow dark, and the reported BV/TV is the mask's."""

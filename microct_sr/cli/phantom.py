@@ -54,7 +54,8 @@ def command(out: str, shape: tuple[int, int, int], bvtv: float, thickness_um: fl
             spacing_um = spacing_um or mv.spacing_um
     spacing = spacing_um or (10.0, 10.0, 10.0)
     array, info = make_phantom(tuple(shape), spacing, bvtv=bvtv, thickness_um=thickness_um,
-                               cortex=cortex, seed=seed, mask=mask, dtype=dtype)
+                               cortex=cortex, seed=seed, mask=mask, dtype=dtype,
+                               mask_path=mask_path)
     path = write_volume(out, array, spacing, overwrite=overwrite,
                         description="microct-sr phantom (procedural trabecular bone)")
     info["output"] = str(path)

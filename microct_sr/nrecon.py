@@ -177,16 +177,29 @@ def find_slices(folder: Path, info: NReconLog) -> list[tuple[int, Path]]:
     return []
 
 
+def section_step(spacing_um: tuple[float, float, float] | None) -> int:
+    """NRecon's ``Section to Section Step`` for a (z, y, x) voxel size: z / x when that is a
+    whole number (an 8x upscale: 80 um slices of a 10 um grid = every 8th section), else 1 (the
+    exact spacing is in our own log section either way)."""
+    if spacing_um is None or spacing_um[1] != spacing_um[2]:
+        return 1
+    ratio = spacing_um[0] / spacing_um[2]
+    return max(1, round(ratio)) if abs(ratio - round(ratio)) < 1e-6 else 1
+
+
 def default_log(shape: tuple[int, int, int], spacing_um: tuple[float, float, float] | None,
                 prefix: str, file_type: str, version: str) -> Sections:
-    """A minimal NRecon-1.7-shaped log for a volume this tool wrote."""
+    """A minimal NRecon-1.7-shaped log for a volume this tool wrote. With a section step
+    above 1 (:func:`section_step`) the slices are numbered by section, as NRecon does, so a
+    reader that takes z = Pixel Size x step gets the true slice spacing."""
     z, y, x = shape
+    step = section_step(spacing_um)
     rec: dict[str, str] = {
         "Reconstruction Program": "microct-sr",
         "Program Version": f"Version: {version}",
         "First Section": "0",
-        "Last Section": str(z - 1),
-        "Section to Section Step": "1",
+        "Last Section": str((z - 1) * step),
+        "Section to Section Step": str(step),
         "Sections Count": str(z),
         "Result File Type": file_type.upper(),
         "Result Image Width (pixels)": str(x),

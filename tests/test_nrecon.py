@@ -207,15 +207,34 @@ def test_writer_log_round_trip(tmp_path):
     write_volume(tmp_path / "lr", a, (80.0, 10.0, 10.0),
                  nrecon_log={"Acquisition": {"Image Pixel Size (um)": "5.0"}})
     names = sorted(p.name for p in (tmp_path / "lr").iterdir())
-    assert names == ["lr_rec.log", "lr_rec00000000.bmp", "lr_rec00000001.bmp",
-                     "lr_rec00000002.bmp"]
+    # 80 um slices of a 10 um grid: every 8th section, numbered by section as NRecon does
+    assert names == ["lr_rec.log", "lr_rec00000000.bmp", "lr_rec00000008.bmp",
+                     "lr_rec00000016.bmp"]
     s = nrecon.parse_log(tmp_path / "lr" / "lr_rec.log")
     assert float(s["Reconstruction"]["Pixel Size (um)"]) == 10.0
+    assert s["Reconstruction"]["Section to Section Step"] == "8"
+    assert s["Reconstruction"]["Last Section"] == "16"
     assert s["File name convention"]["Filename Prefix"] == "lr_rec"
     assert s["Acquisition"]["Image Pixel Size (um)"] == "5.0"
     v = open_volume(tmp_path / "lr")
     assert v.spacing_um == (80.0, 10.0, 10.0)  # anisotropic z kept exactly
     np.testing.assert_array_equal(v.read(0, 3), a)
+    # a reader of the standard entries alone (our [microct-sr] section removed) gets it too
+    log = tmp_path / "lr" / "lr_rec.log"
+    text = log.read_bytes().decode("latin-1")
+    log.write_bytes(text[:text.index(f"[{nrecon.OWN_SECTION}]")].encode("latin-1")
+                    + text[text.index("[File name convention]"):].encode("latin-1"))
+    assert nrecon.OWN_SECTION not in nrecon.parse_log(log)
+    v = open_volume(tmp_path / "lr")
+    assert v.spacing_um == (80.0, 10.0, 10.0) and v.spacing_source == "nrecon-log"
+    np.testing.assert_array_equal(v.read(0, 3), a)
+
+
+@pytest.mark.parametrize("spacing,step", [((80.0, 10.0, 10.0), 8), ((10.0, 10.0, 10.0), 1),
+                                          ((25.0, 10.0, 10.0), 1), ((80.0, 10.0, 12.0), 1),
+                                          (None, 1)])
+def test_section_step_of_a_voxel_size(spacing, step):
+    assert nrecon.section_step(spacing) == step
 
 
 def test_writer_custom_prefix_and_16bit(tmp_path):

@@ -288,13 +288,14 @@ class NReconWriter(VolumeWriter):
         self.prefix = (prefix if prefix is not None else f"{Path(path).name}_") + "rec"
         self.ext = ".bmp" if np.dtype(dtype) == np.uint8 else ".tif"
         self.log_extra = log_extra
+        self.step = nrecon.section_step(spacing_um)  # files numbered by section, as NRecon does
         super().__init__(path, shape, dtype, spacing_um, overwrite)
 
     def _open(self) -> None:
         self.tmp.mkdir()
 
     def slice_name(self, z: int) -> str:
-        return f"{self.prefix}{z:0{nrecon.INDEX_LENGTH}d}{self.ext}"
+        return f"{self.prefix}{z * self.step:0{nrecon.INDEX_LENGTH}d}{self.ext}"
 
     def _write(self, block: np.ndarray) -> None:
         for i, s in enumerate(block):

@@ -284,6 +284,26 @@ def test_report_over_an_input_is_refused_even_with_overwrite(run_cli, data, tmp_
     assert [p.name for p in tmp_path.iterdir()] == [hr_copy.name]
 
 
+def test_report_over_a_slice_of_a_folder_input_is_refused(run_cli, data, tmp_path):
+    """An HR given as a slice folder: a report named like one of its slices is refused even
+    with --overwrite (the folder itself is no output); a new name inside the folder is fine."""
+    from microct_sr.volume import open_volume, write_volume
+
+    f = data[2]
+    with open_volume(f["hr"]) as v:
+        folder = write_volume(tmp_path / "hrdir", v[:], v.spacing_um)
+    slice_file = sorted(folder.glob("*.bmp"))[1]
+    before = slice_file.read_bytes()
+    args = ("evaluate", "--hr", folder, "--sr", f"sr={f['good']}", "--overwrite", "--quiet",
+            "--metrics", "psnr")
+    r = run_cli(*args, "--csv", slice_file)
+    assert r.exit_code == 2 and "--csv is the input" in r.stderr and slice_file.name in r.stderr
+    assert slice_file.read_bytes() == before
+    r = run_cli(*args, "--csv", folder / "scores.csv")
+    assert r.exit_code == 0, r.stderr
+    assert (folder / "scores.csv").read_text().startswith("label")
+
+
 def test_missing_pyiqa_when_asked_by_name_exits_2(run_cli, data, monkeypatch):
     d, hr, f = data
     monkeypatch.setattr(perceptual, "pyiqa_available", lambda: False)

@@ -14,6 +14,7 @@ from ._common import (
     quiet_option,
     refuse_output_over_input,
     spacing_option,
+    volume_inputs,
 )
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
@@ -57,9 +58,10 @@ def _check_plot_suffix(plot_path: str | None) -> None:
 
 
 def _check_outputs(overwrite: bool, outputs: dict[str, str | None],
-                   inputs: list[str | None]) -> None:
-    """Output folders exist, existing outputs need --overwrite, no output replaces an input."""
-    refuse_output_over_input(outputs.items(), inputs)
+                   volumes: list[str | None], others: list[str | None]) -> None:
+    """Output folders exist, existing outputs need --overwrite, no output replaces an input
+    (the slice files of a volume folder included)."""
+    refuse_output_over_input(outputs.items(), [*volumes, *others, *_folder_files(volumes)])
     for p in outputs.values():
         if p is None:
             continue
@@ -68,6 +70,19 @@ def _check_outputs(overwrite: bool, outputs: dict[str, str | None],
             raise UserError("output folder does not exist", path.parent)
         if path.exists() and not overwrite:
             raise UserError("exists; use --overwrite to replace it", path)
+
+
+def _folder_files(inputs: list[str | None]) -> list[Path]:
+    """The files the volume folders among ``inputs`` are read from (opened lazily, headers
+    only), so that a report is never written over a slice."""
+    from ..volume import open_volume
+
+    files: list[Path] = []
+    for p in inputs:
+        if p is not None and Path(p).is_dir():
+            with open_volume(p) as vol:
+                files += volume_inputs(vol)
+    return files
 
 
 @click.command("evaluate")
@@ -122,7 +137,7 @@ def command(paths, hr, srs, lr, bicubic, metrics, crop_border, slices, perceptua
     wanted, explicit = parse_metrics(metrics)
     _check_plot_suffix(plot_path)
     _check_outputs(overwrite, {"--csv": csv_path, "--table": table_path, "--plot": plot_path},
-                   [hr_path, lr, iqa_weights, *(path for _, path in methods)])
+                   [hr_path, lr, *(path for _, path in methods)], [iqa_weights])
     opts = EvalOptions(metrics=wanted, crop_border=crop_border, slices=parse_slices(slices),
                        perceptual_sample=perceptual_sample, perceptual_crop=perceptual_crop,
                        seed=seed, hr_slice=hr_slice, spacing_um=spacing_um,

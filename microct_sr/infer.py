@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .volume.base import finite_slices
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -232,26 +233,14 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
     return _DONE
 
 
-def finite_slices(volume, z0: int, slices: np.ndarray) -> np.ndarray:
-    """``slices`` (volume slices from ``z0``) as they are; UserError naming the volume and the
-    first slice with NaN or Inf (a float export's masked voxels): the network would spread
-    them over the whole slice."""
-    if slices.dtype.kind == "f":
-        finite = np.isfinite(slices).reshape(len(slices), -1).all(axis=1)
-        if not finite.all():
-            z = z0 + int(np.flatnonzero(~finite)[0])
-            raise UserError(f"slice {z} holds NaN or Inf values; replace them (e.g. with the "
-                            "background value) before upscaling", volume.path)
-    return slices
-
-
 def _reader(volume, batch_size: int, lo: float, hi: float, q: queue.Queue,
             stop: threading.Event) -> None:
     """Thread: read ``batch_size`` slices at a time, normalise, queue them; then _DONE."""
     try:
         nz = volume.shape[0]
         for z0 in range(0, nz, batch_size):
-            slices = finite_slices(volume, z0, volume.read(z0, min(z0 + batch_size, nz)))
+            slices = finite_slices(volume.read(z0, min(z0 + batch_size, nz)), volume.path, z0,
+                                   "; replace them (e.g. with the background value) first")
             if not _put(q, normalise(slices, lo, hi), stop):
                 return
         _put(q, _DONE, stop)

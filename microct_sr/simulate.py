@@ -39,6 +39,7 @@ from scipy import ndimage
 
 from .atomic import atomic_write
 from .errors import UserError
+from .volume.base import finite_slices
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,8 @@ def default_window(hr: Any, n_sample: int = 16) -> tuple[float, float]:
     hi = the 99.9th percentile of up to ``n_sample`` evenly spaced slices."""
     nz = hr.shape[0]
     idx = np.unique(np.linspace(0, nz - 1, min(n_sample, nz)).round().astype(int))
-    sample = np.stack([check_finite(np.asarray(hr[int(i)]), hr.path, int(i)) for i in idx])
+    sample = np.stack([finite_slices(np.asarray(hr[int(i)]), hr.path, int(i), _FINITE_HINT)
+                       for i in idx])
     if np.issubdtype(sample.dtype, np.unsignedinteger):
         lo = 0.0
     else:
@@ -367,15 +369,8 @@ def check_input(shape: tuple[int, ...], factor: int, path: Any) -> None:
                         f"{factor}; crop it to a multiple of {factor} first", path)
 
 
-def check_finite(block: np.ndarray, path: Any, z0: int) -> np.ndarray:
-    """``block`` (HR slices from ``z0``) unchanged; UserError naming the file and slice when it
-    holds NaN or inf (the attenuation and the noise need finite gray values)."""
-    if block.dtype.kind in "fc" and not np.isfinite(block).all():
-        bad = ~np.isfinite(block.reshape((-1,) + block.shape[-2:]))
-        z = z0 + int(np.argwhere(bad)[0][0])
-        raise UserError(f"slice {z} holds NaN or infinite voxels; simulate needs finite gray "
-                        "values (replace them, e.g. by 0, first)", path)
-    return block
+# what finite_slices adds to its message here: attenuation and noise need finite gray values
+_FINITE_HINT = "; simulate needs finite gray values (replace them, e.g. by 0, first)"
 
 
 def check_name(name: str | None) -> None:
@@ -554,8 +549,8 @@ def _lr_slices(hr: Any, params: SimParams, spacing: tuple[float, float, float],
     tasks = [list(range(k, min(k + batch, n_lr))) for k in range(0, n_lr, batch)]
 
     def args(ks: list[int]) -> tuple:
-        slabs = [check_finite(hr.read(k * f, min(nz, (k + 1) * f)), hr.path, k * f)
-                 for k in ks]
+        slabs = [finite_slices(hr.read(k * f, min(nz, (k + 1) * f)), hr.path, k * f,
+                               _FINITE_HINT) for k in ks]
         return slabs, params, spacing, window, ks
 
     if workers <= 1:            # one core: one torch thread (faster on a busy machine)

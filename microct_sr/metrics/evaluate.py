@@ -252,11 +252,9 @@ def compared_range(grid: Grid, opts: EvalOptions) -> tuple[int, int]:
 
 
 def _read_checked(vol: VolumeLike, z0: int, z1: int) -> np.ndarray:
-    a = vol.read(z0, z1)
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        bad = int(np.argmax(~np.isfinite(a).reshape(a.shape[0], -1).all(axis=1)))
-        raise UserError(f"NaN or Inf values in slice {z0 + bad}", vol.path)
-    return a
+    from ..volume import finite_slices
+
+    return finite_slices(vol.read(z0, z1), vol.path, z0)
 
 
 def _hr_slice(hr: VolumeLike, grid: Grid, k: int, mode: str) -> np.ndarray:

@@ -39,6 +39,7 @@ from .base import (
     TMP_PREFIX,
     Spacing,
     Volume,
+    finite_slices,
     to_dtype,
 )
 from .sitk import DicomSeriesVolume, SitkVolume, SitkWriter
@@ -55,6 +56,7 @@ from .tiff import BIGTIFF_THRESHOLD, TiffVolume, TiffVolumeWriter
 from .writer import VolumeWriter, _on_sigterm
 
 __all__ = [
+    "finite_slices",
     "BIGTIFF_THRESHOLD",
     "IMAGEJ_DTYPES",
     "IMAGE_SUFFIXES",

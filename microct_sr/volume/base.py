@@ -57,6 +57,18 @@ def to_dtype(x: np.ndarray, dtype: Any) -> np.ndarray:
 # Checks every reader shares
 # --------------------------------------------------------------------------------------------
 
+def finite_slices(block: np.ndarray, path: Any, z0: int, hint: str = "") -> np.ndarray:
+    """``block`` (one slice or slices of the volume at ``path``, from slice ``z0``) as it is;
+    UserError naming ``path`` and the first slice holding NaN or Inf (a float export's masked
+    voxels), with ``hint`` appended: no computation spreads them silently."""
+    if block.dtype.kind in "fc":
+        finite = np.isfinite(block).reshape((-1, *block.shape[-2:])).all(axis=(1, 2))
+        if not finite.all():
+            z = z0 + int(np.flatnonzero(~finite)[0])
+            raise UserError(f"slice {z} holds NaN or Inf values{hint}", path)
+    return block
+
+
 def checked_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """``shape`` as ints; UserError naming ``path`` when a dimension is zero (e.g. an MHA with
     ``DimSize = 32 32 0``): there is nothing to read."""

@@ -58,10 +58,10 @@ def _check_plot_suffix(plot_path: str | None) -> None:
 
 
 def _check_outputs(overwrite: bool, outputs: dict[str, str | None],
-                   volumes: list[str | None], others: list[str | None]) -> None:
-    """Output folders exist, existing outputs need --overwrite, no output replaces an input
-    (the slice files of a volume folder included)."""
-    refuse_output_over_input(outputs.items(), [*volumes, *others, *_folder_files(volumes)])
+                   inputs: list[str | None]) -> None:
+    """Output folders exist, existing outputs need --overwrite, no output is an input path
+    (the files of folder inputs are checked once they are open: ``_refuse_over_volumes``)."""
+    refuse_output_over_input(outputs.items(), inputs)
     for p in outputs.values():
         if p is None:
             continue
@@ -72,17 +72,11 @@ def _check_outputs(overwrite: bool, outputs: dict[str, str | None],
             raise UserError("exists; use --overwrite to replace it", path)
 
 
-def _folder_files(inputs: list[str | None]) -> list[Path]:
-    """The files the volume folders among ``inputs`` are read from (opened lazily, headers
-    only), so that a report is never written over a slice."""
-    from ..volume import open_volume
-
-    files: list[Path] = []
-    for p in inputs:
-        if p is not None and Path(p).is_dir():
-            with open_volume(p) as vol:
-                files += volume_inputs(vol)
-    return files
+def _refuse_over_volumes(outputs: dict[str, str | None]):
+    """A check of the opened volumes: no report is written over a file one is read from (a
+    slice of a folder input)."""
+    return lambda volumes: refuse_output_over_input(
+        outputs.items(), [f for vol in volumes for f in volume_inputs(vol)])
 
 
 @click.command("evaluate")
@@ -136,13 +130,14 @@ def command(paths, hr, srs, lr, bicubic, metrics, crop_border, slices, perceptua
     hr_path, methods, comparison = _methods(paths, hr, srs, lr, bicubic, label)
     wanted, explicit = parse_metrics(metrics)
     _check_plot_suffix(plot_path)
-    _check_outputs(overwrite, {"--csv": csv_path, "--table": table_path, "--plot": plot_path},
-                   [hr_path, lr, *(path for _, path in methods)], [iqa_weights])
+    outputs = {"--csv": csv_path, "--table": table_path, "--plot": plot_path}
+    _check_outputs(overwrite, outputs, [hr_path, lr, iqa_weights, *(p for _, p in methods)])
     opts = EvalOptions(metrics=wanted, crop_border=crop_border, slices=parse_slices(slices),
                        perceptual_sample=perceptual_sample, perceptual_crop=perceptual_crop,
                        seed=seed, hr_slice=hr_slice, spacing_um=spacing_um,
                        metrics_explicit=explicit, quiet=quiet)
-    results = evaluate_files(hr_path, methods, opts, lr_path=lr, weights_dir=iqa_weights)
+    results = evaluate_files(hr_path, methods, opts, lr_path=lr, weights_dir=iqa_weights,
+                             check_inputs=_refuse_over_volumes(outputs))
     if csv_path:
         report.write_csv(csv_path, results)
     if table_path:

@@ -18,7 +18,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -541,9 +541,11 @@ def _morphometry(sr_bone: np.ndarray, hr_bone: np.ndarray, hr: VolumeLike, grid:
 
 def evaluate_files(hr_path: str | Path, methods: list[tuple[str, str | Path]], opts: EvalOptions,
                    *, lr_path: str | Path | None = None,
-                   weights_dir: str | Path | None = None) -> list[EvalResult]:
+                   weights_dir: str | Path | None = None,
+                   check_inputs: Callable[[list[Any]], None] | None = None) -> list[EvalResult]:
     """Open HR and every ``(label, path)`` SR volume (and the bicubic upscaling of ``lr_path``
-    when given, labelled "Bicubic") and evaluate each against HR on shared crops/statistics."""
+    when given, labelled "Bicubic") and evaluate each against HR on shared crops/statistics.
+    ``check_inputs`` gets the opened volumes (HR, SRs, LR) before any work."""
     from ..volume import open_volume
 
     check_labels([label for label, _ in methods] + ([BICUBIC_LABEL] if lr_path else []))
@@ -554,8 +556,10 @@ def evaluate_files(hr_path: str | Path, methods: list[tuple[str, str | Path]], o
         hr = stack.enter_context(open_volume(hr_path, opts.spacing_um))
         volumes: list[tuple[str, VolumeLike]] = [
             (lab, stack.enter_context(open_volume(p))) for lab, p in methods]
-        if lr_path is not None:
-            lr = stack.enter_context(open_volume(lr_path))
+        lr = None if lr_path is None else stack.enter_context(open_volume(lr_path))
+        if check_inputs is not None:
+            check_inputs([hr, *(v for _, v in volumes), *([lr] if lr is not None else [])])
+        if lr is not None:
             volumes.append((BICUBIC_LABEL, BicubicVolume(lr)))
         grids = [check_pair(v, hr) for _, v in volumes]  # every input checked before any work
         for grid in grids:

@@ -215,6 +215,27 @@ def test_dicom_series_folder(tmp_path):
     np.testing.assert_array_equal(v.read(0, 4), a)
 
 
+@pytest.mark.parametrize("tag", [None, "0.08"])
+def test_single_dicom_file_z_spacing_only_from_its_header(tmp_path, tag):
+    """GDCM gives a lone slice without Spacing Between Slices (0018,0088) a made-up 1 mm z;
+    such a file gets z = x (as a 2D TIFF does), one with the tag keeps its value."""
+    a = _vol(np.int16, shape=(1, 8, 9)) // 4
+    np.save(tmp_path / "a.npy", a)
+    # A fresh process: once GDCM has written a CT series (other tests), its writer adds the
+    # tag (1 mm) to every later file, which would make a tagless file impossible here.
+    subprocess.run([sys.executable, "-c", f"""if True:
+        import numpy as np, SimpleITK as sitk
+        img = sitk.GetImageFromArray(np.load({str(tmp_path / "a.npy")!r})[0])
+        img.SetSpacing((0.02, 0.03))
+        if {tag!r}:
+            img.SetMetaData("0018|0088", {tag!r})
+        sitk.WriteImage(img, {str(tmp_path / "one.dcm")!r})"""], check=True)
+    v = open_volume(tmp_path / "one.dcm")
+    assert v.shape == (1, 8, 9)
+    assert v.spacing_um == pytest.approx((80.0 if tag else 20.0, 30.0, 20.0))
+    np.testing.assert_array_equal(v.read(0, 1), a)
+
+
 def test_dicom_slices_of_different_sizes_are_refused_by_name(tmp_path):
     z = np.zeros
     dicom_series(tmp_path, [z((8, 8), np.int16), z((8, 8), np.int16), z((6, 6), np.int16)])

@@ -97,6 +97,10 @@ class SitkVolume(Volume):
             raise UserError(f"{len(size)}D image; expected 3D", path)
         dtype = _sitk_dtype(reader, path)
         spacing = _sitk_spacing(path, reader.GetSpacing())
+        if (spacing and size[2] == 1 and sitk_suffix(path) == ".dcm"
+                and not reader.HasMetaDataKey("0018|0088")):
+            # one DICOM slice without Spacing Between Slices: GDCM's z is a made-up 1 mm
+            spacing = (spacing[2], spacing[1], spacing[2])
         self._reader = reader
         self._array: np.ndarray | None = None
         meta = {"origin_mm": reader.GetOrigin(), "direction": reader.GetDirection()}

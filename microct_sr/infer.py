@@ -284,8 +284,8 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
         bounded by one batch of tiles).
     precision: "auto" (fp16 autocast on CUDA, fp32 elsewhere), "fp16" or "fp32".
     channels_last: NHWC memory format (default True: faster on CUDA tensor cores and, measured
-        by benchmarks/upscale.py, 1.6-1.7x faster with oneDNN on a 2-core CPU; see
-        docs/performance.md).
+        by benchmarks/upscale.py on a 2-core CPU, 1.09x for the ``small`` preset and 1.6x for
+        ``paper``; see docs/performance.md).
     queue_size: batches buffered between reader, compute and writer.
     ensemble: average over the 8 rotations and flips (:func:`self_ensemble`; per tile when
         tiled): about +0.1 dB on the default model's held-out scans, 8x the compute.

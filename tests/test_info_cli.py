@@ -266,4 +266,6 @@ def test_debug_shows_traceback_for_user_error(tmp_path):
 
     r = subprocess.run([sys.executable, "-c", "from microct_sr.cli import main; main()",
                         "--debug", "info", str(tmp_path / "nope")], capture_output=True, text=True)
-    assert r.returncode != 0 and "Traceback" in r.stderr and "nope" in r.stderr
+    # the same exit status as without --debug: shell loops branch on 2 for bad input
+    assert r.returncode == 2 and "Traceback" in r.stderr and "nope" in r.stderr
+    assert r.stderr.rstrip().splitlines()[-1].startswith("error: ")

@@ -502,10 +502,16 @@ def test_motion_from_simulation_json_cuts_aligned_patches(run_cli, tmp_path):
         out = json.loads(res.stdout)
         assert out["registration"]["method"] == "known-motion" and out["patches"] > 0
         medians[name] = out["median_ncc"]
+        ncc = out["registration"]["registration_ncc"]
+        assert -1.0 <= ncc <= 1.0 and out["registration"]["slices_sampled"] > 0
+        medians[name + " registration"] = ncc
         if name == "truth":
             assert out["registration"]["angle_deg"] == pytest.approx(6.0)
             assert out["registration"]["shift_um"] == pytest.approx([40.0, -24.0], abs=1e-3)
     assert medians["truth"] > medians["wrong"] + 0.2, medians
+    # measured, not a placeholder: the true motion correlates, the wrong one much less
+    assert medians["truth registration"] > 0.5
+    assert medians["truth registration"] > medians["wrong registration"] + 0.2, medians
     bad = run_cli("pair", lr_path, hr_path, tmp_path / "out2", "--motion-from",
                   tmp_path / "missing.json")
     assert bad.exit_code == 2 and "missing.json" in bad.stderr

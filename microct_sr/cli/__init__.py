@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 import click
 
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except UserError as e:
-        if debug:
-            raise
+        if debug:  # the traceback, but the same exit status: scripts branch on it
+            traceback.print_exc()
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

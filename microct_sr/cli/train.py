@@ -47,7 +47,8 @@ def _model_options(f):
 
 @click.command("train")
 @click.option("--stage", type=click.Choice(["psnr", "gan"]), required=True,
-              help="psnr: L1 only. gan: L1 + 0.1 RaGAN + 0.5 VGG19 perceptual (needs --init).")
+              help="psnr: the pixel loss only (L1, or MSE with --pixel-loss mse). gan: the pixel "
+                   "loss + 0.1 RaGAN + 0.5 VGG19 perceptual (needs --init).")
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(),
               help="A `microct-sr pair` output folder (or a folder of them); repeat to pool.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),

@@ -32,9 +32,10 @@ def _model_path(model: Path | None) -> Path:
     path = default_model_path()
     if not path.exists():
         raise UserError(
-            f"no default model: {path} does not exist (microct-sr does not ship a trained "
-            "model yet). Train one with `microct-sr train` and pass its model.pt with "
-            f"--model PATH, or copy a trained model file to {path}.")
+            f"no default model: {path} does not exist (an install without the bundled "
+            "weights/default.pt, or MICROCT_SR_DEFAULT_MODEL naming a missing file). Pass a "
+            "model file with --model PATH (`microct-sr train` writes RUN_DIR/model.pt), or "
+            f"copy one to {path}.")
     return path
 
 
@@ -42,7 +43,8 @@ def _model_path(model: Path | None) -> Path:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=Path))
 @click.option("--model", "model", type=click.Path(path_type=Path), default=None,
-              help="Model file (.pt from `microct-sr train`); default: weights/default.pt.")
+              help="Model file (.pt from `microct-sr train`); default: the bundled "
+                   "weights/default.pt, or $MICROCT_SR_DEFAULT_MODEL when set.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto",

@@ -163,8 +163,8 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
     opts = PairOptions(**options)
     out_dir = Path(out_dir)
     if not SCAN_ID_RE.match(scan_id or ""):
-        raise UserError(f"--scan-id {scan_id!r}: use letters, digits, '.', '_' or '-' "
-                        "(it names the patch files)")
+        raise UserError(f"--scan-id {scan_id!r}: use 1-100 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit (it names the patch files)")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError("OUT_DIR exists and is not a folder", out_dir)
     if not overwrite and scan_exists(out_dir, scan_id):

@@ -142,10 +142,13 @@ def registration_from_motion(lr, hr, opts: "PairOptions", scan_id: str, angle_de
         raise UserError("a known motion in um needs the HR voxel size: pass --hr-spacing-um",
                         _path(hr))
     rigid = rigid_from_motion(angle_deg, [v / sx for v in shift_um], opts.factor, hr.shape[1:])
+    # measured as for a ransac fit (reported, not checked: the motion is known)
+    ks = _sample(valid_lr_slices(lr.shape[0], hr.shape[0], opts.factor, 0, 0), opts.n_slices)
+    r_ncc = z_profile(_Reader(lr, hr), ks, rigid, [0], hr.shape[0], opts.jobs).get(0, math.nan)
     return Registration(scan_id=scan_id, method="known-motion", rigid=rigid, z_offset=0,
-                        inliers=0, slices_used=[], slices_sampled=0, z_ncc={},
+                        inliers=0, slices_used=[], slices_sampled=len(ks), z_ncc={},
                         grid_upsample=grid_upsample(lr.shape[1:], opts.factor, opts.match_size),
-                        ncc=0.0, hr_spacing_um=sx, hr_shape_yx=tuple(hr.shape[1:]))
+                        ncc=r_ncc, hr_spacing_um=sx, hr_shape_yx=tuple(hr.shape[1:]))
 
 
 @dataclass
@@ -187,7 +190,7 @@ class Registration:
             "lr_to_hr_px": np.round(m, 6).tolist(),
             "factor": self.rigid.factor,
             "hr_pixel_um": sx,
-            "registration_ncc": round(self.ncc, 4),
+            "registration_ncc": round(self.ncc, 4) if math.isfinite(self.ncc) else None,
             "slices_sampled": self.slices_sampled,
             "match_grid_lr_upsample": self.grid_upsample,
             "refined_per_slice": self.per_slice,

@@ -47,7 +47,8 @@ from ._common import (
 @click.option("--name", default=None, help="File name prefix (default: LR_OUT's name).")
 @click.option("--window", type=FINITE, nargs=2, default=None,
               help="Gray window LO HI mapped to attenuation 0 .. --attenuation "
-                   "(default: 0 for unsigned data .. the 99.9th percentile).")
+                   "(default: from 16 evenly spaced slices, 0 for unsigned data, else the "
+                   "0.1th percentile, .. the 99.9th percentile).")
 @click.option("--attenuation", "attenuation_per_cm", type=POSITIVE, default=4.0,
               show_default=True, help="Attenuation (1/cm) at the window's top gray value.")
 @click.option("--proj-pitch", "proj_pitch", type=int, default=0, show_default=True,

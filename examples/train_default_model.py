@@ -9,7 +9,8 @@ Stages (each skips work whose output exists, so the script can be re-run after a
             is held out for test.
   simulate  one LR scan per (HR volume, scanner setting): training scans draw their setting at
             random (views, photons, smoothing, filter, motion; three "first" settings, three
-            from a wider range and one or two heavily smoothed ones per volume); held-out scans
+            from a wider range, one or two heavily smoothed ones and two near-nominal ones
+            (for the `near` candidate only) per volume); held-out scans
             get the nominal setting (225 views, Hamming, smoothing 0.5) plus off-nominal ones,
             some outside the training range, without motion so that `evaluate` compares aligned
             volumes.
@@ -23,11 +24,14 @@ Stages (each skips work whose output exists, so the script can be re-run after a
   gray      the same again, initialised from the third model, on every training scan, with
             gray-level augmentation (`train --gray-augment`) and an EMA of the weights: the
             fourth (weights/MODEL_CARD.md says which model is shipped and why).
+  near      (not run by default) the fourth model fine-tuned further with two near-nominal scans
+            per training volume added (180-300 views, Hamming or Hann, smoothing 0.2-0.9; they
+            are simulated and paired with the others): a candidate, not shipped (model card).
   evaluate  `microct-sr upscale` + `microct-sr evaluate` against bicubic on every held-out scan.
 
 Usage: python examples/train_default_model.py WORK_DIR
        [--stages hr,simulate,pair,train,finetune,scaled,gray,evaluate] [--iters N]
-       [--finetune-iters N] [--scaled-iters N] [--gray-iters N]
+       [--finetune-iters N] [--scaled-iters N] [--gray-iters N] [--near-iters N]
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def heavy_setting(rng: random.Random) -> dict:
 
 def near_setting(rng: random.Random) -> dict:
     """A training setting near the nominal protocol (225 views, Hamming, smoothing 0.5: the
-    paper's scanner; the fifth model's data): the earlier draws spread evenly over a wide
+    paper's scanner; the `near` candidate's data): the earlier draws spread evenly over a wide
     range, so settings close to the one most users scan at were no more common than extreme
     ones."""
     return {"views": rng.choice([180, 225, 225, 300]),
@@ -127,7 +131,7 @@ def near_setting(rng: random.Random) -> dict:
             "filter": rng.choice(["hamming", "hamming", "hamming", "hann"])}
 
 
-N_NEAR = 2  # near-nominal training scans per training volume (fifth model)
+N_NEAR = 2  # near-nominal training scans per training volume (the `near` candidate)
 
 # Heavily smoothed training scans per volume kind (fourth model): most on the 1x vertebrae,
 # whose fine trabeculae vanish under strong smoothing.
@@ -318,7 +322,7 @@ def pair_all(work: Path, scans: list[dict]) -> None:
     # Each model's data: the L1 stage (first model) trained on the first settings only, the MSE
     # fine-tuning (second model) on every setting but the magnified vertebrae (third model) and
     # the heavily smoothed scans (fourth model); split.json has them all but the near-nominal
-    # scans (fifth model), split_near.json all of them.
+    # scans (the `near` candidate), split_near.json all of them.
     light = {k: [i for i in v if "-heavy" not in i] for k, v in split.items()}
     unscaled = {k: [i for i in v if not i.startswith("vs")] for k, v in light.items()}
     first = {k: [i for i in v if "-wide" not in i] for k, v in unscaled.items()}

@@ -50,6 +50,7 @@ def test_adding_the_magnified_vertebrae_keeps_every_other_scan_setting(tmp_path,
     rec = _recipe()
     monkeypatch.setattr(rec, "run", lambda cmd: "")  # record the settings, simulate nothing
     monkeypatch.setattr(rec, "N_HEAVY", {"vert": 0, "vs": 0, "ph": 0})  # the third model's data
+    monkeypatch.setattr(rec, "N_NEAR", 0)
     base = {"vert1": (tmp_path / "vert1.tif", "train"), "ph1": (tmp_path / "ph1.tif", "train"),
             "vert6": (tmp_path / "vert6.tif", "val"), "vert7": (tmp_path / "vert7.tif", "test")}
     scaled = {**base, "vs1a": (tmp_path / "vs1a.tif", "train"),
@@ -82,6 +83,27 @@ def test_adding_heavily_smoothed_scans_keeps_every_other_scan_setting(tmp_path, 
         "vs1a-heavy0"]
     assert all(1.8 <= s["smoothing"] <= 4.5 for s in heavy)
     assert len({s["smoothing"] for s in heavy}) == len(heavy)  # drawn, not one fixed value
+
+
+def test_near_nominal_scans_are_extra_and_near_the_nominal_setting(tmp_path, monkeypatch):
+    """The near-nominal candidate's scans (N_NEAR per training volume, their own generator)
+    leave every other scan as it was, and lie around 225 views / Hamming / smoothing 0.5."""
+    rec = _recipe()
+    monkeypatch.setattr(rec, "run", lambda cmd: "")
+    hrs = {n: (tmp_path / f"{n}.tif", split) for n, split in (
+        ("vert1", "train"), ("ph1", "train"), ("vs1a", "train"), ("vert6", "val"),
+        ("vert7", "test"))}
+    full = rec.simulate_all(tmp_path, hrs, 3, 3)
+    monkeypatch.setattr(rec, "N_NEAR", 0)
+    assert [s for s in full if not s["setting"].startswith("near")] == rec.simulate_all(
+        tmp_path, hrs, 3, 3)
+    near = [s for s in full if s["setting"].startswith("near")]
+    assert sorted(s["scan_id"] for s in near) == [
+        f"{n}-near{k}" for n in ("ph1", "vert1", "vs1a") for k in range(2)]
+    assert all(180 <= s["views"] <= 300 and 8000 <= s["photons"] <= 40000
+               and 0.2 <= s["smoothing"] <= 0.9 and s["filter"] in ("hamming", "hann")
+               for s in near), near
+    assert len({s["smoothing"] for s in near}) > 1  # drawn, not one fixed value
 
 
 def test_grown_model_computes_the_same_function_and_then_trains(tmp_path):

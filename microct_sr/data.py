@@ -106,6 +106,23 @@ def read_pairs(dirs: Sequence[str | Path]) -> list[Pair]:
     return pairs
 
 
+def lr_pixel_range(pairs: Sequence[Pair], scan_ids: Sequence[str]) -> list[float] | None:
+    """[min, max] in-plane LR pixel size (um) of ``scan_ids``, from each pair folder's
+    ``registration.json`` (HR pixel x factor); None when no scan's size is known. Recorded in
+    the model file so that ``upscale`` can warn about a scan at another scale."""
+    keep, sizes = set(scan_ids), []
+    for folder in sorted({p.folder for p in pairs}):
+        try:
+            regs = json.loads((folder / "registration.json").read_text())
+        except (OSError, ValueError):
+            continue  # an older or hand-made folder: the scale stays unknown
+        for r in regs if isinstance(regs, list) else []:
+            hr_um, factor = r.get("hr_pixel_um"), r.get("factor")
+            if r.get("scan_id") in keep and hr_um and factor:
+                sizes.append(float(hr_um) * int(factor))
+    return [min(sizes), max(sizes)] if sizes else None
+
+
 def patch_dtype(pairs: Sequence[Pair]) -> str:
     """The dtype of the patches: read from the LR and HR patch of the first pair of each pair
     folder (not every patch); UserError naming two files when they differ (8- and 16-bit data

@@ -94,6 +94,28 @@ def resolve_window(intensity: dict, window: tuple[float, float] | None,
     return lo, hi
 
 
+def scale_mismatch(trained_lr_um: list[float] | None,
+                   spacing_um: tuple[float, float, float] | None,
+                   tolerance: float = 1.5) -> str | None:
+    """Why a scan's in-plane voxel size is outside the model's training range [lo, hi] um by
+    more than ``tolerance`` times, or None (also when either is unknown). The network works in
+    pixels: at another voxel size, trabeculae are thicker or thinner in pixels than any it
+    learned from."""
+    try:
+        lo, hi = (float(v) for v in trained_lr_um)  # type: ignore[union-attr]
+        px = float(np.sqrt(spacing_um[1] * spacing_um[2]))  # type: ignore[index]
+    except (TypeError, ValueError):  # unknown, or a hand-edited file's odd entry
+        return None
+    if not 0 < lo <= hi < np.inf or not px > 0 or lo / tolerance <= px <= hi * tolerance:
+        return None
+    trained = f"{lo:g} um" if lo == hi else f"{lo:g}-{hi:g} um"
+    ratio = lo / px if px < lo else px / hi
+    return (f"in-plane voxel size {px:g} um, but the model was trained on scans at {trained}: "
+            f"bone is {ratio:.1f}x {'larger' if px < lo else 'smaller'} in pixels than any it "
+            "learned from, so expect less gain over bicubic (resample the scan to the "
+            "training voxel size, or fine-tune the model on your own pairs)")
+
+
 def output_geometry(shape: tuple[int, int, int],
                     spacing_um: tuple[float, float, float] | None, scale: int
                     ) -> tuple[tuple[int, int, int], tuple[float, float, float] | None]:

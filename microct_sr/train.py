@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint, load_model, save_model
 from .data import (SPLIT_FILE, IterationBatchSampler, PatchDataset, estimate_window, load_split,
-                   make_split, patch_dtype, read_pairs, save_split, worker_batches)
+                   lr_pixel_range, make_split, patch_dtype, read_pairs, save_split, worker_batches)
 from .errors import UserError
 from .losses import (VGGPerceptualLoss, l1_loss, mse_loss, ragan_d_loss, ragan_g_loss,
                      resolve_vgg_weights)
@@ -536,6 +536,7 @@ class _Trainer:
         else:
             window = tuple(cfg.window) if cfg.window else estimate_window(self.train_ds)
         self.intensity = {"window": [float(window[0]), float(window[1])], "dtype": dtype}
+        self.lr_pixel_um = lr_pixel_range(pairs, self.split["train"])
         self.train_ds.window = window
         self.val_ds = PatchDataset(pairs=pairs, scan_ids=self.split["val"], window=window)
         counts = {k: len(v) for k, v in self.split.items()}
@@ -648,6 +649,7 @@ class _Trainer:
                 **({"w_gan": self.cfg.w_gan, "w_percep": self.cfg.w_percep}
                    if self.cfg.stage == "gan" else {}),
                 "preset": self.cfg.preset, "init": self.cfg.init, "split": self.split,
+                "lr_pixel_um": self.lr_pixel_um,
                 "best_val_psnr": self.best["psnr"], "best_iteration": self.best["iteration"],
                 **({"weights": "ema", "ema_decay": self.ema.decay,
                     "ema_updates": self.ema.updates} if self.ema is not None else {})}

@@ -13,7 +13,7 @@ import torch
 from _train_data import make_16_bit_copy, make_pair_folder
 from microct_sr.data import (GRAY_GAIN, GRAY_OFFSET, IterationBatchSampler, PatchDataset,
                              augment_pair, draw_gray, estimate_window, gray_transform, load_split,
-                             make_split, patch_dtype, read_pairs, save_split)
+                             lr_pixel_range, make_split, patch_dtype, read_pairs, save_split)
 from microct_sr.errors import UserError
 
 
@@ -193,3 +193,24 @@ def test_a_folder_given_twice_counts_once(folders, caplog):
     assert read_pairs([a, a.parent]) == read_pairs([a, b])
     assert len(read_pairs([a.parent / ".." / a.parent.name / "a", a])) == len(read_pairs([a]))
     assert "given more than once" in caplog.text
+
+
+def test_lr_pixel_range_of_the_training_scans(tmp_path):
+    """From each pair folder's registration.json (HR pixel x factor), training scans only;
+    None when no folder says (a hand-made folder, an unreadable file)."""
+    import json
+
+    a = make_pair_folder(tmp_path / "a", ["rat1", "rat2"], 2, lr_patch=4, seed=1)
+    b = make_pair_folder(tmp_path / "b", ["rat3"], 2, lr_patch=4, seed=2)
+    pairs = read_pairs([a, b])
+    assert lr_pixel_range(pairs, ["rat1", "rat3"]) is None
+    (a / "registration.json").write_text(json.dumps([
+        {"scan_id": "rat1", "hr_pixel_um": 10.0, "factor": 8},
+        {"scan_id": "rat2", "hr_pixel_um": 5.0, "factor": 8},  # not a training scan below
+        {"scan_id": "ratX", "hr_pixel_um": None, "factor": 8}]))
+    (b / "registration.json").write_text(json.dumps([
+        {"scan_id": "rat3", "hr_pixel_um": 12.5, "factor": 8}]))
+    assert lr_pixel_range(pairs, ["rat1", "rat3"]) == [80.0, 100.0]
+    assert lr_pixel_range(pairs, ["rat1", "rat2", "rat3"]) == [40.0, 100.0]
+    (b / "registration.json").write_text("{not json")
+    assert lr_pixel_range(pairs, ["rat3"]) is None

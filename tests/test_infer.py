@@ -22,6 +22,7 @@ from microct_sr.infer import (
     output_geometry,
     ramp,
     resolve_window,
+    scale_mismatch,
     self_ensemble,
     sr_forward,
     tile_starts,
@@ -317,3 +318,19 @@ def test_upscale_volume_self_ensemble_averages_the_model():
     assert np.abs(ens.astype(float) - plain.astype(float)).max() > 1
     tiled, _ = run(vol, model, ensemble=True, tile=6, tile_overlap=4)  # per tile, blended
     assert tiled.shape == ens.shape
+
+
+def test_scale_mismatch_only_outside_the_training_voxel_size():
+    """The warning's test: in-plane voxel size (geometric mean of y and x) more than 1.5x
+    outside the model's training range; silent when either size is unknown or malformed."""
+    assert scale_mismatch([80.0, 80.0], (80.0, 80.0, 80.0)) is None
+    assert scale_mismatch([80.0, 80.0], (10.0, 54.0, 54.0)) is None   # within 1.5x
+    assert scale_mismatch([80.0, 80.0], (10.0, 120.0, 120.0)) is None
+    small = scale_mismatch([80.0, 80.0], (80.0, 20.0, 20.0))
+    assert small is not None and "20 um" in small and "4.0x larger" in small
+    big = scale_mismatch([60.0, 100.0], (80.0, 200.0, 200.0))
+    assert big is not None and "60-100 um" in big and "2.0x smaller" in big
+    assert scale_mismatch([80.0, 80.0], (80.0, 80.0, 20.0)) is not None  # sqrt(80*20) = 40
+    for trained, spacing in ((None, (1.0, 20.0, 20.0)), ([80.0, 80.0], None),
+                             (["x"], (1.0, 20.0, 20.0)), ([0.0, 80.0], (1.0, 20.0, 20.0))):
+        assert scale_mismatch(trained, spacing) is None

@@ -644,6 +644,21 @@ def test_pixel_loss_option(pairs, tmp_path, pixel_loss):
     assert ckpt["provenance"]["pixel_loss"] == pixel_loss
 
 
+def test_model_file_records_the_training_lr_voxel_size(tmp_path):
+    """`upscale` warns about scans at another scale from this entry; it comes from the pair
+    folders' registration.json (what `pair` writes), training scans only."""
+    import json
+
+    folder = make_pair_folder(tmp_path / "p", ["rat1", "rat2", "rat3"], 3, lr_patch=4, seed=1)
+    (folder / "registration.json").write_text(json.dumps(
+        [{"scan_id": f"rat{i}", "hr_pixel_um": 10.0 + i, "factor": 8} for i in (1, 2, 3)]))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["rat1", "rat2"], "val": ["rat3"], "test": []}))
+    train(_cfg([str(folder)], tmp_path / "run", iters=1, split_file=str(split)))
+    _, ckpt = load_model(tmp_path / "run" / "model.pt")
+    assert ckpt["provenance"]["lr_pixel_um"] == [88.0, 96.0]
+
+
 def test_unknown_pixel_loss_is_a_clear_error(pairs, tmp_path):
     with pytest.raises(UserError, match="pixel loss 'huber'"):
         train(_cfg(pairs, tmp_path / "x", iters=1, pixel_loss="huber"))

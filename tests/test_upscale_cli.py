@@ -284,6 +284,26 @@ def test_shipped_default_model_beats_bicubic_on_a_simulated_scan(run_cli, tmp_pa
     assert gain > 3.0, res
 
 
+def test_default_model_warns_about_a_scan_at_another_voxel_size(run_cli, tmp_path):
+    """The shipped model learned from 80 um scans (recorded in the file): a 20 um scan is
+    upscaled as asked, with a warning naming the file; an 80 um one gets none."""
+    from microct_sr.checkpoint import default_model_path, load_checkpoint
+
+    if not default_model_path().exists():
+        pytest.skip(f"no shipped default model at {default_model_path()}")
+    assert load_checkpoint(default_model_path())["provenance"]["lr_pixel_um"] == [80.0, 80.0]
+    vol = (np.random.default_rng(0).random((2, 24, 24)) * 255).astype(np.uint8)
+    for um in (20.0, 80.0):
+        src = tmp_path / f"scan{um:g}.tif"
+        write_volume(src, vol, (um, um, um))
+        r = run_cli("upscale", src, tmp_path / f"sr{um:g}.tif")
+        assert r.exit_code == 0, r.stderr
+        warned = "trained on scans at 80 um" in r.stderr
+        assert warned == (um == 20.0), r.stderr
+        if warned:
+            assert "scan20.tif" in r.stderr and "4.0x larger" in r.stderr
+
+
 def test_shipped_default_model_on_real_bone(run_cli, tmp_path, shared_data):
     """weights/default.pt on the real LHDL bone (never trained on; treated as 10 um) at the
     nominal setting: more than 4.5 dB over bicubic (measured +5.41 with this seed; the model

@@ -73,7 +73,7 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
     .nii.gz, .mha, .nrrd, or a folder for NRecon-style slices), in the input's dtype."""
     from .. import __version__
     from ..checkpoint import load_model
-    from ..infer import output_geometry, upscale_volume
+    from ..infer import output_geometry, scale_mismatch, upscale_volume
     from ..volume import create_volume_writer, open_volume
 
     model_file = _model_path(model)
@@ -86,6 +86,10 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
         if spacing is None:
             log.warning("%s: voxel size unknown; the output has none either (use --spacing-um)",
                         input_path)
+        prov = ckpt["provenance"] if isinstance(ckpt["provenance"], dict) else {}
+        mismatch = scale_mismatch(prov.get("lr_pixel_um"), vol.spacing_um)
+        if mismatch:
+            log.warning("%s: %s", input_path, mismatch)
         with create_volume_writer(
                 output_path, shape, vol.dtype, spacing, overwrite=overwrite,
                 description=f"microct-sr {__version__} upscale x{s} of {input_path.name} "

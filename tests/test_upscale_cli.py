@@ -19,7 +19,7 @@ from _volume_files import make_model
 from microct_sr.volume import open_volume, write_volume
 
 JSON_KEYS = {"input", "output", "shape", "spacing_um", "dtype", "model", "device", "precision",
-             "seconds", "slices_per_second"}
+             "self_ensemble", "seconds", "slices_per_second"}
 
 
 def make_scan(path: Path, z: int = 20, yx: int = 24, dtype=np.uint8, seed: int = 0) -> Path:
@@ -56,14 +56,55 @@ def test_upscale_tiff_keeps_dtype_and_sets_spacing(run_cli, files, tmp_path, dty
         assert v.read(0, 5).std() > 0
 
 
+def _library_upscale(scan: Path, model_file: Path, **kw) -> np.ndarray:
+    """What ``infer.upscale_volume`` makes of ``scan`` with ``kw``: the CLI's reference."""
+    from microct_sr.checkpoint import load_model
+    from microct_sr.infer import upscale_volume
+
+    class Collect:
+        def __init__(self):
+            self.parts = []
+
+        def write(self, slices):
+            self.parts.append(np.asarray(slices).reshape((-1,) + np.shape(slices)[-2:]))
+
+    net, ckpt = load_model(model_file)
+    sink = Collect()
+    with open_volume(scan) as vol:
+        upscale_volume(vol, sink, net, intensity=ckpt["intensity"], quiet=True, **kw)
+    return np.concatenate(sink.parts)
+
+
 def test_upscale_to_nrecon_folder_and_window(run_cli, files, tmp_path):
+    """--window and the tiling options reach the computation: the folder holds exactly what
+    the library gives with them, which differs from the model's own window."""
     out = tmp_path / "sr_folder"
     r = run_cli("upscale", files["scan"], out, "--model", files["model"], "--window", "10",
                 "240", "--tile", "16", "--tile-overlap", "4", "--quiet")
     assert r.exit_code == 0, r.stderr
     with open_volume(out) as v:
         assert v.shape == (20, 192, 192) and v.dtype == np.uint8
-        assert v.spacing_um[1] == pytest.approx(10.0)
+        assert v.spacing_um == pytest.approx((80.0, 10.0, 10.0))
+        got = v.read(0, 20)
+    want = _library_upscale(files["scan"], files["model"], window=(10.0, 240.0), tile=16,
+                            tile_overlap=4)
+    np.testing.assert_array_equal(got, want)
+    default = _library_upscale(files["scan"], files["model"], tile=16, tile_overlap=4)
+    assert np.abs(got.astype(float) - default.astype(float)).mean() > 1
+
+
+def test_self_ensemble_option(run_cli, files, tmp_path):
+    """--self-ensemble gives the library's 8-fold ensemble, not the plain model."""
+    scan = make_scan(tmp_path / "lr.tif", z=3, yx=12)
+    out = tmp_path / "sr.tif"
+    r = run_cli("upscale", scan, out, "--model", files["model"], "--self-ensemble", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["self_ensemble"] is True
+    with open_volume(out) as v:
+        got = v.read(0, 3)
+    np.testing.assert_array_equal(got, _library_upscale(scan, files["model"], ensemble=True))
+    plain = _library_upscale(scan, files["model"])
+    assert np.abs(got.astype(float) - plain.astype(float)).mean() > 1
 
 
 def test_upscale_from_nrecon_folder(run_cli, files, tmp_path):
@@ -235,7 +276,8 @@ def test_help_lists_options(run_cli):
     r = run_cli("upscale", "--help")
     assert r.exit_code == 0
     for opt in ("--model", "--device", "--precision", "--batch-size", "--tile", "--tile-overlap",
-                "--window", "--spacing-um", "--overwrite", "--quiet", "--json"):
+                "--window", "--self-ensemble", "--spacing-um", "--overwrite", "--quiet",
+                "--json"):
         assert opt in r.stdout, opt
 
 

@@ -103,7 +103,7 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
                    "spacing_um": None if spacing is None else list(spacing),
                    "dtype": str(vol.dtype), "model": str(model_file),
                    "device": stats["device"], "precision": stats["precision"],
-                   "seconds": round(stats["seconds"], 3),
+                   "self_ensemble": ensemble, "seconds": round(stats["seconds"], 3),
                    "slices_per_second": round(stats["slices_per_second"] or 0.0, 3)}
     click.echo(f"upscaled {input_path} -> {output_path}: {' x '.join(map(str, shape))} "
                f"{summary['dtype']} "

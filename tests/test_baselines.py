@@ -58,9 +58,20 @@ def test_learns_a_fixed_pair(arch):
 
 
 def test_unet_discriminator_shapes_and_spectral_norm():
+    """Real-ESRGAN's U-Net discriminator: logits at the input's size, spectral norm on the 8
+    inner convs, biases only on the first and last conv, and its size for 1 channel, width 64."""
     d = UNetDiscriminatorSN(1, 8)
     out = d(torch.rand(2, 1, 40, 44))
     assert out.shape == (2, 1, 40, 44)
     names = [k for k in d.state_dict() if k.endswith("weight_orig")]
     assert len(names) == 8  # 3 down + 3 up + 2 refining convs are spectrally normalised
-    assert sum(p.numel() for p in UNetDiscriminatorSN().parameters()) == 4375873  # Real-ESRGAN
+    assert [k for k in d.state_dict() if k.endswith("bias")] == ["conv0.bias", "out.bias"]
+    # Real-ESRGAN's UNetDiscriminatorSN(num_in_ch=1, num_feat=64) (xinntao/Real-ESRGAN,
+    # realesrgan/archs/discriminator_arch.py): conv0 3x3 1->c with bias; conv1-3 4x4 stride 2
+    # c->2c->4c->8c, conv4-6 3x3 8c->4c->2c->c, conv7-8 3x3 c->c, all bias=False; conv9 3x3
+    # c->1 with bias
+    c = 64
+    ref = (9 * c + c + 16 * (c * 2 * c + 2 * c * 4 * c + 4 * c * 8 * c)
+           + 9 * (8 * c * 4 * c + 4 * c * 2 * c + 2 * c * c) + 2 * 9 * c * c + 9 * c + 1)
+    assert ref == 4_375_745
+    assert sum(p.numel() for p in UNetDiscriminatorSN().parameters()) == ref

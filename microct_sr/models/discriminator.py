@@ -3,7 +3,8 @@ and Fig. 6), for 1-channel HR patches.
 
 Three stride-2 4x4 convolutions down, three bilinear x2 steps up with skips from the same
 scale, two refining conv3x3 and a conv3x3 to one logit per pixel. Spectral normalisation
-(Miyato et al. 2018) on every convolution but the first and the last, as in Real-ESRGAN.
+(Miyato et al. 2018) on every convolution but the first and the last, and biases on those two
+only, as in Real-ESRGAN's ``UNetDiscriminatorSN`` (realesrgan/archs/discriminator_arch.py).
 Patch sizes need not be multiples of 8: each up step resizes to its skip's size.
 """
 
@@ -31,8 +32,8 @@ class UNetDiscriminatorSN(nn.Module):
                                    _sn_conv(4 * c, 8 * c, 4, 2)])
         self.up = nn.ModuleList([_sn_conv(8 * c, 4 * c, 3), _sn_conv(4 * c, 2 * c, 3),
                                  _sn_conv(2 * c, c, 3)])
-        self.refine = nn.Sequential(_sn_conv(c, c, 3, bias=True), nn.LeakyReLU(0.2, True),
-                                    _sn_conv(c, c, 3, bias=True), nn.LeakyReLU(0.2, True))
+        self.refine = nn.Sequential(_sn_conv(c, c, 3), nn.LeakyReLU(0.2, True),
+                                    _sn_conv(c, c, 3), nn.LeakyReLU(0.2, True))
         self.out = nn.Conv2d(c, 1, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
@@ -41,7 +42,40 @@ def test_round_trip_rebuilds_same_network(tiny_file):
     assert ckpt["ema"] is True and ckpt["config"]["arch"] == "r2rcan"
 
 
-def test_save_is_atomic_leaves_no_temp(tiny_file):
+def test_round_trip_keeps_a_16_bit_intensity_window(tmp_path):
+    """The window and dtype given to save_model are what the file holds and what load_model
+    returns (as floats), for a 16-bit model whose window is not 8-bit's [0, 255]."""
+    cfg = preset("r2rcan", "tiny")
+    path = save_model(tmp_path / "m16.pt", build_model(cfg), cfg,
+                      intensity={"window": [1000, 26500], "dtype": "uint16"},
+                      provenance=PROVENANCE)
+    want = {"window": [1000.0, 26500.0], "dtype": "uint16"}
+    assert torch.load(path, weights_only=True)["intensity"] == want
+    assert load_model(path)[1]["intensity"] == want
+
+
+def test_save_is_atomic_leaves_no_temp(tiny_file, monkeypatch):
+    """A save that dies half-way through torch.save (disk full, kill) leaves the previous
+    model file at that path byte for byte and no temporary file in the folder; the error
+    reaches the caller."""
+    assert [p.name for p in tiny_file.parent.iterdir()] == ["m.pt"]
+    before = tiny_file.read_bytes()
+    real_save, written = torch.save, []
+
+    def dying_save(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        written.append(f.write(buf.getvalue()[: len(buf.getvalue()) // 2]))
+        f.flush()
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    torch.manual_seed(2)  # other weights: a finished write would change the file
+    cfg = preset("r2rcan", "tiny")
+    with pytest.raises(OSError, match="No space left"):
+        save_model(tiny_file, build_model(cfg), cfg, intensity=INTENSITY, provenance=PROVENANCE)
+    assert written and written[0] > 0  # part of the new file did reach the disk
+    assert tiny_file.read_bytes() == before
     assert [p.name for p in tiny_file.parent.iterdir()] == ["m.pt"]
 
 

@@ -121,15 +121,29 @@ def test_blocks_keep_shape_and_skip():
 
 
 def test_res2_block_hierarchy_links_scales():
-    """Changing scale 2's input must change scale 3's and 4's outputs (y_i = K_i(x_i + y_{i-1}))."""
+    """Res2Block's forward is Gao 2019 eq. 1 as its docstring writes it, computed by hand from
+    its own layers: ReLU(1x1 conv), split into 4 channel groups x1..x4, y1 = x1, y2 = K2(x2),
+    y3 = K3(x3 + y2), y4 = K4(x4 + y3) (Ki = 3x3 conv + ReLU), concat, 1x1 conv to e, SE
+    e * sigmoid(up(ReLU(down(mean(e))))), plus the input."""
     torch.manual_seed(0)
-    blk = Res2Block(8, 4, 4).eval()
-    feats = torch.relu(blk.reduce(torch.randn(1, 8, 6, 6)))
-    parts = list(torch.chunk(feats, 4, dim=1))
-    y2 = torch.relu(blk.convs[0](parts[1]))
-    y3 = torch.relu(blk.convs[1](parts[2] + y2))
-    y3_without_link = torch.relu(blk.convs[1](parts[2]))
-    assert not torch.allclose(y3, y3_without_link)
+    blk = Res2Block(16, 4, 4).eval()
+    x = torch.randn(2, 16, 6, 7)
+    with torch.no_grad():
+        r = torch.relu(blk.reduce(x))
+        x1, x2, x3, x4 = (r[:, 4 * i:4 * (i + 1)] for i in range(4))
+        k2, k3, k4 = (lambda t, conv=conv: torch.relu(conv(t)) for conv in blk.convs)
+        y2 = k2(x2)
+        y3 = k3(x3 + y2)
+        y4 = k4(x4 + y3)
+        e = blk.expand(torch.cat([x1, y2, y3, y4], dim=1))
+        se = torch.sigmoid(blk.se.up(torch.relu(blk.se.down(e.mean(dim=(2, 3), keepdim=True)))))
+        expected = x + e * se
+        got = blk(x)
+        # the same without the hierarchical links: far from the block's output
+        e_flat = blk.expand(torch.cat([x1, y2, k3(x3), k4(x4)], dim=1))
+        flat = x + e_flat * blk.se.weights(e_flat)
+    torch.testing.assert_close(got, expected)
+    assert (got - flat).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind,cls", [("pixelshuffle", PixelShuffleUpsampler),

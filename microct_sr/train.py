@@ -486,7 +486,13 @@ class _Trainer:
         self._setup_data(resume_ckpt)
         self._setup_models(resume_ckpt, init_ckpt)
         if resume_ckpt is not None:
-            self._restore(resume_ckpt["train_state"], resume_ckpt["state_dict"])
+            try:
+                self._restore(resume_ckpt["train_state"], resume_ckpt["state_dict"])
+            except (RuntimeError, KeyError, ValueError) as e:  # e.g. an older discriminator
+                why = " ".join(str(e).split())[:200] or type(e).__name__
+                raise UserError(f"--resume: the newest checkpoint's training state does not "
+                                f"fit this run ({why}); it may come from another microct-sr "
+                                "version: start a new run with --init", self.run_dir) from None
         else:
             self.start, self.best = 0, {"psnr": None, "iteration": None}
         self._wrap_ddp()

@@ -83,6 +83,23 @@ def test_psnr_then_gan_stage_for_each_arch(pairs, tmp_path, arch):
     _check_model_file(tmp_path / "gan", "gan", 2)
 
 
+def test_resume_of_a_checkpoint_that_does_not_fit_is_a_clear_error(pairs, tmp_path):
+    """A GAN checkpoint whose discriminator has other layers (an older microct-sr's, with
+    biases on the refining convs) is refused by name, not with a raw state_dict error."""
+    train(_cfg(pairs, tmp_path / "init", iters=1))
+    run = tmp_path / "gan"
+    train(_cfg(pairs, run, stage="gan", iters=1, init=str(tmp_path / "init" / "model.pt"),
+               test_only_random_vgg=True))
+    path = run / "checkpoints" / "iter_00000001.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["train_state"]["discriminator"]["refine.0.bias"] = torch.zeros(64)
+    torch.save(ckpt, path)
+    (run / "model.pt").unlink()  # an unfinished run
+    with pytest.raises(UserError, match=r"training state does not fit.*refine\.0\.bias"):
+        train(_cfg(pairs, run, stage="gan", iters=2, resume=True,
+                   init=str(tmp_path / "init" / "model.pt"), test_only_random_vgg=True))
+
+
 def _kill_at(monkeypatch, n_calls: int) -> None:
     """Make the n-th optimisation step raise, as a killed process would stop."""
     real = train_mod._Trainer._step
@@ -113,6 +130,10 @@ def _scaler(monkeypatch, **kw) -> None:
 @pytest.mark.parametrize("stage,ema,amp", [("psnr", 0.0, False), ("gan", 0.0, False),
                                            ("psnr", 0.9, False), ("psnr", 0.0, True)])
 def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage, ema, amp):
+    """Killed in iteration 3 and resumed from the checkpoint of iteration 2, a run ends as the
+    uninterrupted one: same log, weights, and optimiser, scheduler, GradScaler, EMA and
+    discriminator states. lr_step 3 makes the resumed part cross a schedule step (the lr
+    halves after iteration 3), so a scheduler that is not restored shows."""
     extra = {}
     if stage == "gan":
         train(_cfg(pairs, tmp_path / "init", arch="rcan", iters=1))
@@ -122,7 +143,7 @@ def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage, em
         _scaler(monkeypatch, init_scale=2.0**17, growth_factor=4.0, growth_interval=1)
         extra = dict(test_only_cpu_amp=True)
     kw = dict(arch="rcan", stage=stage, iters=4, save_every=2, val_every=4, deterministic=True,
-              ema=ema, **extra)
+              ema=ema, lr_step=3, **extra)
     train(_cfg(pairs, tmp_path / "straight", **kw))
     with monkeypatch.context() as m:
         _kill_at(m, 3)  # dies in iteration 3, after the checkpoint of iteration 2
@@ -146,6 +167,15 @@ def test_resume_equals_uninterrupted_run(pairs, tmp_path, monkeypatch, stage, em
     ta = load_checkpoint(tmp_path / "straight" / last)["train_state"]
     tb = load_checkpoint(tmp_path / "killed" / last)["train_state"]
     assert ta["scaler"] == tb["scaler"] and bool(ta["scaler"]) == amp
+    # the lr is logged after each step: 1e-4 * 0.5 ** (iteration // 3)
+    assert [float(r["lr"]) for r in a] == pytest.approx([1e-4, 1e-4, 5e-5, 5e-5])
+    states = ["optimizer_g", "scheduler_g"]
+    if stage == "gan":
+        states += ["discriminator", "optimizer_d", "scheduler_d"]
+    assert set(states) <= set(ta) and ("discriminator" in ta) == (stage == "gan")
+    for key in states:  # Adam moments and step counts, schedule position, the discriminator
+        torch.testing.assert_close(ta[key], tb[key], rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, key=key: f"train_state[{key!r}]: {m}")
     if amp:  # x4 or x1/2 a step: the scale saved at iteration 2 is not the initial one
         mid = load_checkpoint(tmp_path / "killed" / "checkpoints" / "iter_00000002.pt")
         assert mid["train_state"]["scaler"]["scale"] != 2.0**17
@@ -495,6 +525,27 @@ def test_mixed_8_and_16_bit_data_is_refused_up_front(pairs, tmp_path, run_cli):
     make_16_bit_copy(Path(pairs[1]), data)
     r = run_cli(*args, "--data", data, "--out", tmp_path / "run", "--resume", "--iters", "2")
     assert r.exit_code == 2 and "the patches are uint16, the run trained on uint8" in r.stderr
+
+
+def test_16_bit_run_records_the_training_patches_window(pairs, tmp_path):
+    """On uint16 patches model.pt's intensity is uint16 with the window that data.py
+    documents: the min and max over the training scans' LR and HR patches (here all of them,
+    fewer than 256), read back from the files, not 8-bit's [0, 255]. The held-out scans sit
+    higher (offset 30000), so a window taken over every scan would show."""
+    data = [make_16_bit_copy(Path(pairs[0]), tmp_path / "a16"),                # rat1-3
+            make_16_bit_copy(Path(pairs[1]), tmp_path / "b16", offset=30000)]  # rat4-5
+    (tmp_path / "split.json").write_text(json.dumps(
+        {"train": ["rat1", "rat2", "rat3"], "val": ["rat4"], "test": ["rat5"]}))
+    s = train(_cfg([str(d) for d in data], tmp_path / "run", arch="srcnn", iters=1,
+                   split_file=str(tmp_path / "split.json")))
+    with open(data[0] / "pairs.csv", newline="") as f:
+        ids = [r["patch_id"] for r in csv.DictReader(f)]
+    patches = [tifffile.imread(data[0] / sub / f"{i}.tif") for i in ids for sub in ("lr", "hr")]
+    assert len(patches) == 2 * 9 and all(a.dtype == np.uint16 for a in patches)
+    window = [float(min(a.min() for a in patches)), float(max(a.max() for a in patches))]
+    assert 1000 <= window[0] < window[1] <= 1000 + 100 * 255 < 30000  # gain 100
+    _, ckpt = load_model(tmp_path / "run" / "model.pt")
+    assert ckpt["intensity"] == s["intensity"] == {"window": window, "dtype": "uint16"}
 
 
 def test_same_data_folder_twice_is_counted_once(pairs, tmp_path, run_cli):

@@ -74,6 +74,52 @@ def test_ssim_window_is_11_px_and_smaller_images_are_refused_clearly():
         fidelity.ssim(img[:10], img[:10])
 
 
+@pytest.mark.parametrize("mu1,mu2", [(100.0, 140.0), (2.0, 6.0), (0.0, 10.0), (250.0, 30.0)])
+def test_ssim_of_constant_images_is_the_luminance_term_with_peak_255(mu1: float, mu2: float):
+    """Two constant images have no variance, so SSIM is Wang et al.'s luminance term alone,
+    (2 mu1 mu2 + C1) / (mu1^2 + mu2^2 + C1) with C1 = (0.01 * 255)^2: this pins the data
+    range to 255 (with 2 * 255, dark pairs such as 2 vs 6 score 0.76 instead of 0.66)."""
+    c1 = (0.01 * 255) ** 2
+    a, b = np.full((32, 40), mu1), np.full((32, 40), mu2)
+    want = (2 * mu1 * mu2 + c1) / (mu1 ** 2 + mu2 ** 2 + c1)
+    assert fidelity.ssim(a, b) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def _reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang et al. 2004 written out: local means, population (co)variances under an 11x11
+    Gaussian window (sigma 1.5, truncated at 3.5 sigma = radius 5), K1 0.01, K2 0.03, L 255,
+    averaged over the map where the window lies inside the image (MATLAB's 'valid', i.e. a
+    5-pixel border dropped, as scikit-image crops it)."""
+    from scipy.ndimage import gaussian_filter
+
+    def blur(img: np.ndarray) -> np.ndarray:
+        return gaussian_filter(img, 1.5, truncate=3.5, mode="reflect")
+
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s[5:-5, 5:-5].mean())
+
+
+def test_ssim_matches_a_gaussian_window_reference_on_a_bone_like_pair():
+    """On a trabecular-looking slice and an SR-like estimate of it (blurred, noisy), SSIM is
+    the 11x11 Gaussian-window SSIM written out in the test, to 1e-9 (a 7x7 uniform window,
+    sample covariance, another data range or no border crop are all > 1e-4 away)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    field = ndimage.gaussian_filter(rng.normal(size=(72, 88)), 2.5)
+    hr = np.where(field > np.quantile(field, 0.7), 200.0, 60.0) + rng.normal(0, 5, field.shape)
+    hr = np.clip(ndimage.gaussian_filter(hr, 0.6), 0, 255)
+    sr = np.clip(ndimage.gaussian_filter(hr, 1.2) + rng.normal(0, 12, hr.shape), 0, 255)
+    want = _reference_ssim(sr, hr)
+    assert 0.2 < want < 0.9  # a pair where the window and the constants matter
+    assert fidelity.ssim(sr, hr) == pytest.approx(want, abs=1e-9)
+    assert fidelity.ssim(hr, sr) == pytest.approx(want, abs=1e-9)
+
+
 def test_crop_border():
     a = np.arange(100).reshape(10, 10)
     assert fidelity.crop_border(a, 4).shape == (2, 2)

@@ -191,12 +191,15 @@ def _errors(reg: dict, pair: Pair) -> tuple[float, float, int]:
 # ----------------------------------------------------------------------------- registration
 @pytest.mark.parametrize("name", ["lhdl_pair", "phantom_pair"])
 def test_ransac_recovers_simulated_motion(name, request):
+    """ransac (with its NCC polish) recovers simulate's motion to sub-pixel accuracy: docs/
+    pair.md's table gives 0.03-0.05 deg and 0.004-0.01 LR px on these pairs, so a bound of
+    0.2 deg and 0.1 LR px leaves a wide margin but catches a half-pixel convention slip."""
     pair = request.getfixturevalue(name)
     reg = _register(pair, "ransac")
     da, ds, dz = _errors(reg, pair)
     print(f"{name} ransac: angle error {da:.3f} deg, shift error {ds:.3f} LR px, dz {dz}, "
           f"{reg['inliers']} inliers on {len(reg['slices_used'])} slices")
-    assert da < 0.5 and ds < 1.0 and dz == 0
+    assert da < 0.2 and ds < 0.1 and dz == 0
     assert reg["method"] == "ransac" and reg["registration_ncc"] > 0.6
 
 
@@ -214,11 +217,13 @@ def test_two_point_on_clean_synthetic_pair(synth):
 
 @pytest.mark.parametrize("name", ["lhdl_pair", "phantom_pair"])
 def test_two_point_is_fragile_on_simulated_scans(name, request):
-    """Report two-point's error on simulated scans and how often a random pair of ratio-test
-    matches gives an Eq. 1 angle off by more than 5 degrees (the issue measured ~30%)."""
+    """two-point on simulated scans, as docs/pair.md's accuracy table documents it: the scan
+    registration succeeds with the exact Z offset and a shift within 1 LR px (table: 0.1 and
+    0.65 LR px); its angle error is reported, not required (table: 1.3-10 deg). And how often
+    a random pair of ratio-test matches gives an Eq. 1 angle off by more than 5 degrees (the
+    issue measured ~30%), which RANSAC on the same matches is not fooled by."""
     from microct_sr.pairing import (
         PairOptions,
-        UserError,
         _Matcher,
         _Reader,
         two_point_failure_rate,
@@ -226,12 +231,10 @@ def test_two_point_is_fragile_on_simulated_scans(name, request):
     from microct_sr.volume import open_volume
 
     pair = request.getfixturevalue(name)
-    try:
-        reg = _register(pair, "two-point")
-        da, ds, dz = _errors(reg, pair)
-        outcome = f"angle error {da:.2f} deg, shift error {ds:.2f} LR px, dz {dz}"
-    except UserError as e:
-        outcome = f"failed: {e}"
+    reg = _register(pair, "two-point")  # a UserError here fails the test
+    da, ds, dz = _errors(reg, pair)
+    outcome = f"angle error {da:.2f} deg, shift error {ds:.2f} LR px, dz {dz}"
+    assert reg["method"] == "two-point" and dz == 0 and ds < 1.0, outcome
     with open_volume(pair.lr) as lv, open_volume(pair.hr) as hv:
         mt = _Matcher(_Reader(lv, hv), PairOptions(), 8)
         fits = [mt.fit(k, pair.z_offset) for k in range(2, lv.shape[0] - 2, 3)]
@@ -327,6 +330,74 @@ def test_patches_correspond(name, request, run_cli, tmp_path):
     print(f"{name}: {len(ids)} pairs, median NCC {real:.3f} vs shuffled {shuffled:.3f}")
     assert len(ids) >= 10
     assert real > 0.5 and real - shuffled > 0.4
+
+
+def _true_lr_to_hr(pair: Pair, x_lr_um: np.ndarray, y_lr_um: np.ndarray,
+                   hr_shape_yx: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """HR position (HR px, corner origin) of LR positions (um, corner origin) under the true
+    motion, by the documented convention (docs/pair.md, simulate): an HR point p_hr appears at
+    p_lr = R(rotation) (p_hr - c) + c + shift, so p_hr = R(-rotation) (p_lr - c - shift) + c,
+    with c the centre of the HR slice's field of view."""
+    hr_um = pair.lr_pixel_um / FACTOR
+    cx, cy = hr_shape_yx[1] * hr_um / 2, hr_shape_yx[0] * hr_um / 2
+    a = math.radians(-pair.angle_deg)
+    dx, dy = x_lr_um - cx - pair.shift_um[0], y_lr_um - cy - pair.shift_um[1]
+    x_hr = math.cos(a) * dx - math.sin(a) * dy + cx
+    y_hr = math.sin(a) * dx + math.cos(a) * dy + cy
+    return x_hr / hr_um, y_hr / hr_um
+
+
+def _true_hr_patch(hr_slice: np.ndarray, pair: Pair, lr_x: float, lr_y: float, p: int
+                   ) -> np.ndarray:
+    """The HR patch of the p x p LR crop centred at (lr_x, lr_y) (LR px), rebuilt from the
+    truth: on the SR grid LR pixel (i, j) covers HR patch pixels [8i, 8i+8) x [8j, 8j+8), so
+    patch pixel (v, u) is the HR point under the centre of its 1/8 LR pixel; HR pixel (y, x)
+    has its centre at (x + 0.5, y + 0.5). Sampled with cubic splines (not the code's cv2)."""
+    from scipy import ndimage
+
+    v, u = np.mgrid[:p * FACTOR, :p * FACTOR]
+    x_lr = (lr_x - p / 2 + (u + 0.5) / FACTOR) * pair.lr_pixel_um
+    y_lr = (lr_y - p / 2 + (v + 0.5) / FACTOR) * pair.lr_pixel_um
+    x_hr, y_hr = _true_lr_to_hr(pair, x_lr, y_lr, hr_slice.shape)
+    return ndimage.map_coordinates(hr_slice.astype(np.float64), [y_hr - 0.5, x_hr - 0.5],
+                                   order=3, mode="mirror")
+
+
+def test_hr_patches_are_the_true_motion_crop(run_cli, phantom_pair, tmp_path):
+    """Every written HR patch (no NCC screening) is the HR slice pairs.csv names, resampled at
+    the LR crop's place by the *true* motion (simulation.json): NCC > 0.99 for each patch;
+    hr_x/hr_y is the truth's image of the LR crop centre and angle_deg the true rotation. An
+    HR crop off by half an LR pixel (4 HR px) scores NCC ~0.8, one off by 1 HR px ~0.97."""
+    import csv
+
+    import tifffile
+
+    out = tmp_path / "p"
+    res = _run_pair(run_cli, phantom_pair, out, "--min-ncc", "-1")
+    assert res.exit_code == 0, res.stderr
+    truth = json.loads((phantom_pair.lr / "simulation.json").read_text())
+    assert truth["rotation_deg"] == phantom_pair.angle_deg
+    assert tuple(truth["shift_um"]) == phantom_pair.shift_um
+    hr = tifffile.imread(phantom_pair.hr)
+    with open(out / "pairs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) >= 10
+    scores, centre_err = [], []
+    for r in rows:
+        k, z = int(r["lr_slice"]), int(r["hr_slice"])
+        lr_x, lr_y = float(r["lr_x"]), float(r["lr_y"])
+        assert z == FACTOR * k + phantom_pair.z_offset + FACTOR // 2
+        got = tifffile.imread(out / "hr" / f"{r['patch_id']}.tif").astype(np.float64)
+        want = _true_hr_patch(hr[z], phantom_pair, lr_x, lr_y, 8)
+        scores.append(float(np.corrcoef(got.ravel(), want.ravel())[0, 1]))
+        x_hr, y_hr = _true_lr_to_hr(phantom_pair, lr_x * phantom_pair.lr_pixel_um,
+                                    lr_y * phantom_pair.lr_pixel_um, hr.shape[1:])
+        centre_err.append(math.hypot(float(r["hr_x"]) - x_hr, float(r["hr_y"]) - y_hr))
+        assert abs(float(r["angle_deg"]) - phantom_pair.angle_deg) < 0.2
+    print(f"{len(rows)} HR patches vs the true-motion crop: NCC min {min(scores):.4f}, "
+          f"median {np.median(scores):.4f}; hr_x/hr_y off by at most {max(centre_err):.3f} HR px")
+    assert min(scores) > 0.99
+    assert max(centre_err) < 1.0  # 1 HR px = 1/8 LR px
 
 
 def test_several_scans_and_rerun(run_cli, phantom_pair, tmp_path):

@@ -176,10 +176,11 @@ def make_phantom(shape: tuple[int, int, int] = (128, 256, 256),
     the same gray levels, partial-volume edges, PSF and noise; ``shape``, ``bvtv``,
     ``thickness_um`` and ``cortex`` are then ignored; ``mask_path`` names it in messages.
     """
-    _check(shape, spacing_um, bvtv, thickness_um, dtype, mask, mask_path)
+    check_request(shape, spacing_um, bvtv, thickness_um, dtype, seed, mask, mask_path,
+                  cortex=cortex)
     vox = float(np.mean(spacing_um[1:]))
-    if mask is not None:
-        frac = ndimage.gaussian_filter((mask > 0).astype(np.float32), 0.5)
+    if mask is not None:     # nonzero = bone, negative values too (as check_mask counts)
+        frac = ndimage.gaussian_filter((mask != 0).astype(np.float32), 0.5)
         inside, cort = None, None
         lam = None
     else:
@@ -231,6 +232,9 @@ def check_mask(mask: np.ndarray, path: str | None = None) -> None:
     if mask.ndim != 3 or min(mask.shape) < 8:
         raise UserError(f"the mask must be 3D with at least 8 voxels a side, got shape "
                         f"{mask.shape}", path)
+    if mask.dtype.kind == "f" and not np.isfinite(mask).all():
+        raise UserError("the mask holds NaN or Inf values; a mask is 0 (marrow) or nonzero "
+                        "(bone)", path)
     if not mask.any():
         raise UserError("the mask holds no bone (every voxel is 0)", path)
     values = np.unique(mask[::max(1, mask.shape[0] // 16)])  # a few slices are enough
@@ -240,8 +244,15 @@ def check_mask(mask: np.ndarray, path: str | None = None) -> None:
                     float(np.count_nonzero(mask)) / mask.size)
 
 
-def _check(shape, spacing_um, bvtv, thickness_um, dtype, mask, mask_path=None) -> None:
+def check_request(shape: tuple[int, ...], spacing_um: tuple[float, float, float], bvtv: float,
+                  thickness_um: float, dtype: str, seed: int = 0, mask: np.ndarray | None = None,
+                  mask_path: str | None = None, cortex: bool = False) -> None:
+    """UserError for a phantom that cannot be made: too big for the memory, a bad --dtype,
+    voxel size, --seed, --shape, --bvtv or --thickness-um, a slice with no room inside the
+    cortex, or a bad ``mask``. Cheap without a mask: callers run it before opening the output."""
     check_memory(tuple(shape) if mask is None else mask.shape)
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
     if dtype not in ("uint8", "uint16"):
         raise UserError(f"--dtype must be uint8 or uint16, got {dtype!r}")
     if any(s <= 0 for s in spacing_um):
@@ -255,8 +266,12 @@ def _check(shape, spacing_um, bvtv, thickness_um, dtype, mask, mask_path=None) -
         raise UserError(f"--bvtv must be in [0.02, 0.6], got {bvtv}")
     th_vox = thickness_um / float(np.mean(spacing_um[1:]))
     if not 2.0 <= th_vox <= max(shape[1:]) / 4:
-        raise UserError(f"--thickness-um {thickness_um} is {th_vox:.1f} voxels; it must be "
+        raise UserError(f"--thickness-um {thickness_um:g} is {th_vox:.3g} voxels; it must be "
                         f"between 2 voxels and a quarter of the slice size ({max(shape[1:]) / 4:g})")
+    if cortex and not trabecular_compartment(tuple(shape), spacing_um, thickness_um).any():
+        raise UserError(f"--shape {' x '.join(map(str, shape))} leaves no room inside a cortex "
+                        f"{cortex_thickness_vox(tuple(shape), th_vox):g} voxels thick; use a "
+                        "larger slice or --no-cortex")
 
 
 def _procedural(shape, vox, bvtv, thickness_um, cortex, seed):

@@ -54,6 +54,11 @@ HR_VIEWS, LR_VIEWS = 900, 225
 DEFAULT_PHOTONS = HR_PHOTONS_PER_PIXEL * 8 * 8 * LR_EXPOSURE_MS / HR_EXPOSURE_MS  # 19310
 
 PAD_MODE = "edge"             # np.pad mode for edge_pad (edge: tissue stays tissue)
+# Upper bounds of the options: beyond them a run means nothing (or cannot be computed).
+MAX_PHOTONS = 1e15            # Poisson counts stay far below numpy's limit (~9e18); use inf
+MAX_SMOOTHING = 100.0         # LR pixels: wider than any slice worth simulating
+MAX_ATTENUATION_PER_CM = 1e4  # above any material at micro-CT energies (lead, 20 keV: ~1e3)
+MAX_MU_PER_UM = 1e3           # attenuation is clipped here: a ray through it is opaque anyway
 RANDOM_ROTATION_DEG = 10.0     # --random-motion: rotation uniform in [-10, 10] degrees
 RANDOM_SHIFT_LR_PX = 3.0       # and each shift component uniform in [-3, 3] LR pixels
 
@@ -99,8 +104,14 @@ class SimParams:
         if self.photons is not None and not (self.photons > 0):
             raise UserError(f"--photons must be > 0 (photons per detector pixel per view), "
                             f"got {self.photons}")
-        if self.smoothing < 0:
-            raise UserError(f"--smoothing must be >= 0, got {self.smoothing}")
+        if self.photons is not None and MAX_PHOTONS < self.photons < math.inf:
+            raise UserError(f"--photons must be <= {MAX_PHOTONS:g} (or inf for no noise), "
+                            f"got {self.photons:g}")
+        if not 0 <= self.smoothing <= MAX_SMOOTHING:
+            raise UserError(f"--smoothing must be in [0, {MAX_SMOOTHING:g}] LR pixels, "
+                            f"got {self.smoothing:g}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
         if self.filter not in FILTERS:
             raise UserError(f"--filter must be one of {', '.join(FILTERS)}, got {self.filter!r}")
         if self.proj_pitch < 1 or self.factor % self.proj_pitch:
@@ -108,10 +119,13 @@ class SimParams:
                             f"{self.factor}")
         if self.window is not None and not self.window[1] > self.window[0]:
             raise UserError(f"window {self.window}: the high end must exceed the low end")
+        if self.window is not None and not math.isfinite(self.window[1] - self.window[0]):
+            raise UserError(f"window {self.window}: its width is not a finite number")
         if self.edge_pad < 0:
             raise UserError(f"--edge-pad must be >= 0 LR pixels, got {self.edge_pad}")
-        if not self.attenuation_per_cm > 0:
-            raise UserError(f"attenuation must be > 0 1/cm, got {self.attenuation_per_cm}")
+        if not 0 < self.attenuation_per_cm <= MAX_ATTENUATION_PER_CM:
+            raise UserError(f"--attenuation must be > 0 and <= {MAX_ATTENUATION_PER_CM:g} "
+                            f"1/cm, got {self.attenuation_per_cm:g}")
         self._check_finite()
 
     def _check_finite(self) -> None:
@@ -186,16 +200,22 @@ def _view_grids(hr_shape: tuple[int, int], params: SimParams, spacing_xy_um: flo
 # ----------------------------------------------------------------------------- physics steps
 
 def gray_to_mu(gray: np.ndarray, window: tuple[float, float], mu_hi_per_um: float) -> np.ndarray:
-    """Linear attenuation (1/um) from gray values: lo -> 0, hi -> mu_hi, below lo -> 0."""
+    """Linear attenuation (1/um) from gray values: lo -> 0, hi -> mu_hi, below lo -> 0.
+
+    Computed in float64 (gray values of any size or precision), clipped at MAX_MU_PER_UM so
+    the projector's sums stay finite for outliers far above the window."""
     lo, hi = window
-    return (np.maximum(gray.astype(np.float32) - lo, 0.0) * (mu_hi_per_um / (hi - lo))
-            ).astype(np.float32)
+    mu = np.maximum(np.asarray(gray, np.float64) - lo, 0.0) * (mu_hi_per_um / (hi - lo))
+    return np.minimum(mu, MAX_MU_PER_UM).astype(np.float32)
 
 
 def mu_to_gray(mu: np.ndarray, window: tuple[float, float], mu_hi_per_um: float) -> np.ndarray:
-    """Inverse of :func:`gray_to_mu` (no clipping: negative mu gives gray below lo)."""
+    """Inverse of :func:`gray_to_mu` (no clipping at lo: negative mu gives gray below lo),
+    computed in float64 and kept within the float32 range."""
     lo, hi = window
-    return (lo + mu * ((hi - lo) / mu_hi_per_um)).astype(np.float32)
+    gray = lo + np.asarray(mu, np.float64) * ((hi - lo) / mu_hi_per_um)
+    big = float(np.finfo(np.float32).max)
+    return np.clip(gray, -big, big).astype(np.float32)
 
 
 def forward_project(mu: np.ndarray, params: SimParams, spacing_xy_um: float) -> np.ndarray:
@@ -311,7 +331,7 @@ def simulate_slabs(hr_slabs: list[np.ndarray], params: SimParams,
         if slab.shape[1] % f or slab.shape[2] % f:
             raise UserError(f"slice size {slab.shape[1]} x {slab.shape[2]} is not divisible "
                             f"by the factor {f}")
-        mus.append(gray_to_mu(slab.astype(np.float32).mean(axis=0), window, mu_hi))
+        mus.append(gray_to_mu(slab.mean(axis=0, dtype=np.float64), window, mu_hi))
     sxy = float(hr_spacing_um[2])
     e = params.edge_pad
     stack = np.stack(mus)
@@ -344,8 +364,8 @@ def default_window(hr: Any, n_sample: int = 16) -> tuple[float, float]:
     else:
         lo = float(np.percentile(sample, 0.1))
     hi = float(np.percentile(sample, 99.9))
-    if not hi > lo:
-        hi = lo + 1.0
+    if not hi > lo:     # a constant sample: a window one gray level (or a part in 1e6) wide
+        hi = lo + max(1.0, abs(lo) * 1e-6)
     return (lo, hi)
 
 
@@ -432,42 +452,56 @@ def simulate_volume(hr: Any, out: str | Path, params: SimParams, *,
     nz, ny, nx = hr.shape
     lr_shape = (-(-nz // f), ny // f, nx // f)
     lr_spacing = tuple(float(s) * f for s in spacing)
-    window = params.window or default_window(hr)
+    n_workers = _n_workers(workers, lr_shape[0])
+    check_memory(hr, params, spacing[2], n_workers)
     dtype = np.dtype(hr.dtype)
-    truth = _truth(params, window, spacing, lr_spacing, hr, lr_shape, random_motion_used)
     description = f"microct-sr simulate: LR scan of {hr.path}"
-    run = (hr, params, spacing, window, workers, quiet, truth)
+    # the writer checks the output (exists, parent folder, free space) when it opens, so
+    # that comes before the default window's sample (a NIfTI/MHA/NRRD is read whole for it)
+    run = (hr, params, spacing, lr_spacing, n_workers, quiet, random_motion_used)
     if fmt == "nrecon":
-        truth["output"] = str(out)
         with create_volume_writer(out, lr_shape, dtype, lr_spacing, overwrite=overwrite,
                                   description=description, nrecon_prefix=f"{name}_",
                                   nrecon_log=_nrecon_log(params)) as writer:
-            _write_lr(writer, *run)
+            truth = _write_lr(writer, *run, output=str(out))
             writer.add_file("simulation.json", _json_text(truth))  # inside the atomic rename
         return truth
-    truth["output"] = str(out / f"{name}.tif")
     with _tif_folder(out, overwrite) as folder:
         with create_volume_writer(folder / f"{name}.tif", lr_shape, dtype, lr_spacing,
                                   overwrite=overwrite, description=description) as writer:
-            _write_lr(writer, *run)
+            truth = _write_lr(writer, *run, output=str(out / f"{name}.tif"))
         atomic_write(folder / "simulation.json", lambda p: p.write_text(_json_text(truth)))
     return truth
 
 
 def _write_lr(writer: Any, hr: Any, params: SimParams, spacing: tuple[float, float, float],
-              window: tuple[float, float], workers: int, quiet: bool, truth: dict) -> None:
-    """Simulate every LR slice into ``writer``; the timing and worker count go into ``truth``."""
+              lr_spacing: tuple[float, ...], n_workers: int, quiet: bool,
+              random_motion_used: bool, output: str) -> dict:
+    """Simulate every LR slice into ``writer``; returns the truth (``simulation.json``) with
+    the gray window, the output path, the timing and the worker count."""
     from .progress import progress
     from .volume import to_dtype
 
+    window = params.window or default_window(hr)
+    truth = _truth(params, window, spacing, lr_spacing, hr, writer.shape, random_motion_used)
+    truth["output"] = output
     t0 = time.perf_counter()
-    n_workers = _n_workers(workers, writer.shape[0])
     slices = _lr_slices(hr, params, spacing, window, n_workers)
     for lr in progress(slices, total=writer.shape[0], desc="simulate", quiet=quiet,
                        unit="slice"):
-        writer.write(to_dtype(lr, writer.dtype)[None])
+        writer.write(to_dtype(_in_range(lr, writer.dtype), writer.dtype)[None])
     truth["seconds"] = round(time.perf_counter() - t0, 2)
     truth["workers"] = n_workers
+    return truth
+
+
+def _in_range(lr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``lr`` clipped to a float ``dtype``'s finite range (float16: +-65504), so the cast
+    never makes inf; integer types are clipped by ``to_dtype`` itself."""
+    if np.dtype(dtype).kind != "f":
+        return lr
+    big = float(np.finfo(dtype).max)
+    return np.clip(lr, -big, big)
 
 
 @contextmanager
@@ -511,7 +545,59 @@ def _check_volume(hr: Any, params: SimParams, spacing_um: tuple[float, float, fl
     if abs(spacing[1] - spacing[2]) > 1e-3 * spacing[2]:
         raise UserError(f"in-plane voxel size {spacing[1]} x {spacing[2]} um is not square; "
                         "the simulation needs square pixels", hr.path)
+    _check_shift(tuple(hr.shape), params, float(spacing[2]), hr.path)
     return tuple(float(s) for s in spacing)
+
+
+def _check_shift(shape: tuple[int, ...], params: SimParams, spacing_xy_um: float,
+                 path: Any) -> None:
+    """UserError when --shift-um moves the object out of the field of view (the detector
+    would have to span the shift: memory and time without any object in the LR scan).
+    Shifts up to the --random-motion range are always allowed, also for tiny fields."""
+    random_max = RANDOM_SHIFT_LR_PX * params.factor * spacing_xy_um
+    for value, n, axis in zip(params.shift_um, (shape[2], shape[1]), "xy"):
+        limit = max(n * spacing_xy_um, random_max)
+        if abs(value) > limit:
+            raise UserError(f"--shift-um {axis} = {value:g} um moves the object out of the "
+                            f"field of view ({n * spacing_xy_um:g} um wide in {axis}); "
+                            f"at most {limit:g} um", path)
+
+
+def estimate_memory_bytes(shape: tuple[int, int, int], itemsize: int, params: SimParams,
+                          spacing_xy_um: float, workers: int) -> float:
+    """Peak memory (bytes, beyond the imported libraries) of a run on an HR volume of
+    ``shape``: the default-window sample, or ``workers`` tasks in flight (HR slabs, padded
+    attenuation, the projector's sampling grids, sinograms, FBP). Float arithmetic, so
+    absurd options give a huge number rather than an overflow."""
+    nz, ny, nx = (float(n) for n in shape)
+    f, r, pad = params.factor, params.proj_pitch, 2.0 * params.edge_pad * params.factor
+    py, px = ny + pad, nx + pad
+    reach = 0.5 * math.hypot(py, px) + math.hypot(*params.shift_um) / spacing_xy_um
+    n_bins = 2 * reach / f + 4
+    n_fine, n_s = n_bins * f / r, 2 * reach / r + 2
+    n_lr = math.ceil(nz / f)
+    b = float(np.clip(n_lr // (2 * max(workers, 1)), 1, 4))
+    slab = min(f, nz) * ny * nx * itemsize
+    task = (b * slab + 3 * b * py * px * 4 + 4 * n_s * n_fine * (8 + 4 * b)
+            + b * params.views * n_bins * 8 + params.views * (4 * n_bins + 64) * 32
+            + 2048 * (py / f) * (px / f))
+    in_flight = 4 * workers * b * slab if workers > 1 else 0.0   # slabs queued, pickled
+    window = 0.0 if params.window else min(16.0, nz) * ny * nx * (2 * itemsize + 1)
+    return max(window, max(workers, 1) * task + in_flight)
+
+
+def check_memory(hr: Any, params: SimParams, spacing_xy_um: float, workers: int) -> None:
+    """UserError naming the HR volume when the run would need more memory than is available
+    (refused up front, not by the OOM killer half-way)."""
+    from .phantom import available_memory_bytes
+
+    need = estimate_memory_bytes(tuple(hr.shape), np.dtype(hr.dtype).itemsize, params,
+                                 spacing_xy_um, workers)
+    avail = available_memory_bytes()
+    if avail is not None and need > avail:
+        raise UserError(f"simulating it needs about {need / 2**30:.3g} GiB of memory with "
+                        f"{workers} worker(s); {avail / 2**30:.1f} GiB are available (fewer "
+                        "--workers, --views or --edge-pad, or a smaller volume)", hr.path)
 
 
 def _n_workers(workers: int, n_slices: int) -> int:

@@ -269,3 +269,15 @@ def test_debug_shows_traceback_for_user_error(tmp_path):
     # the same exit status as without --debug: shell loops branch on 2 for bad input
     assert r.returncode == 2 and "Traceback" in r.stderr and "nope" in r.stderr
     assert r.stderr.rstrip().splitlines()[-1].startswith("error: ")
+
+
+def test_empty_path_exits_2_instead_of_reading_the_current_folder(tmp_path, run_cli,
+                                                                   monkeypatch):
+    """``info "$SCAN"`` with SCAN unset: one error line, not a description of the current
+    folder (which here holds a numbered slice series that reads as a volume)."""
+    for i in range(3):
+        tifffile.imwrite(tmp_path / f"img{i}.tif", np.zeros((4, 4), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("info", "", "--json")
+    assert r.exit_code == 2 and r.stdout == "", r.stdout
+    assert r.stderr == "error: PATH is an empty path; give a scan file or folder\n"

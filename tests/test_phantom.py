@@ -133,6 +133,79 @@ def test_bad_masks_are_named_and_gray_masks_warned(tmp_path, run_cli):
     assert r.exit_code == 0 and "not binary" not in r.stderr
 
 
+def test_negative_seed_exits_2(tmp_path, run_cli):
+    """numpy refuses negative seeds: one error line naming --seed (was a ValueError, exit 1)."""
+    r = run_cli("phantom", tmp_path / "x.tif", "--shape", "16", "64", "64", "--seed", "-1")
+    assert r.exit_code == 2 and r.stderr == "error: --seed must be >= 0, got -1\n", r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_slice_too_small_for_the_cortex_exits_2(tmp_path, run_cli):
+    """8 x 8 slices: the cortex (3 voxels) leaves no trabecular compartment, whose BV/TV was
+    NaN, printed as a NaN token (invalid JSON); without the cortex it is a valid phantom."""
+    args = ("--shape", "8", "8", "8", "--thickness-um", "20", "--json")
+    r = run_cli("phantom", tmp_path / "c.tif", *args)
+    assert r.exit_code == 2 and "leaves no room inside a cortex" in r.stderr, r.stderr
+    assert r.stdout == "" and not list(tmp_path.iterdir())
+    r = run_cli("phantom", tmp_path / "n.tif", *args, "--no-cortex")
+    assert r.exit_code == 0, r.stderr
+
+    def no_constant(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    info = json.loads(r.stdout, parse_constant=no_constant)
+    assert 0 < info["bvtv"] < 1
+
+
+@pytest.mark.parametrize("out, problem", [
+    ("old.tif", "already exists"), ("missing/x.tif", "parent folder does not exist"),
+    ("x.xyz", "unsupported output format"), ("", "OUT is an empty path"),
+])
+def test_output_problems_are_found_before_the_phantom_is_made(tmp_path, run_cli, monkeypatch,
+                                                              out, problem):
+    """An existing output, a missing folder, an unknown suffix or an empty OUT are refused
+    before the volume is built (that takes minutes at the default size), nothing written."""
+    from microct_sr import phantom
+
+    def no_work(*args, **kw):
+        raise AssertionError("the phantom was made")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "old.tif").write_bytes(b"old")
+    monkeypatch.setattr(phantom, "make_phantom", no_work)
+    r = run_cli("phantom", out, "--shape", "16", "64", "64", "--thickness-um", "40")
+    assert r.exit_code == 2 and problem in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.tif"]
+    assert (tmp_path / "old.tif").read_bytes() == b"old"
+
+
+def test_mask_values_nonzero_is_bone_and_nan_is_refused(tmp_path, run_cli):
+    """A signed mask (-1 = bone) gives the same phantom as its 0/1 form (it had no bone and
+    BV/TV 0); a float mask with NaN (all NaN: 'bone' to any(), marrow to > 0) is refused."""
+    from microct_sr.volume import write_volume
+
+    mask = np.zeros((16, 32, 32), np.int8)
+    mask[:, 8:20, 8:20] = 1
+    got = {}
+    for name, m in (("pos.nii.gz", mask), ("neg.nii.gz", -mask)):
+        write_volume(tmp_path / name, m, SP)
+        r = run_cli("phantom", tmp_path / f"{name[:3]}.tif", "--mask", tmp_path / name, "--json")
+        assert r.exit_code == 0, r.stderr
+        got[name] = json.loads(r.stdout)["bvtv"]
+        with open_volume(tmp_path / f"{name[:3]}.tif") as v:
+            got[name, "gray"] = v.read(0, len(v))
+    assert got["neg.nii.gz"] == got["pos.nii.gz"] == pytest.approx(mask.mean(), rel=0.05)
+    assert np.array_equal(got["neg.nii.gz", "gray"], got["pos.nii.gz", "gray"])
+    for name, value in (("nan.mha", np.nan), ("inf.mha", np.inf)):
+        m = mask.astype(np.float32)
+        m[:2] = value
+        write_volume(tmp_path / name, m, SP)
+        r = run_cli("phantom", tmp_path / "bad.tif", "--mask", tmp_path / name)
+        assert r.exit_code == 2, r.stderr
+        assert f"{name}: the mask holds NaN or Inf" in r.stderr
+    assert not (tmp_path / "bad.tif").exists()
+
+
 @pytest.mark.slow
 def test_mask_from_real_vertebra_roi(shared_data, tmp_path, run_cli):
     """A real binary bone mask (BoneJ vertebra ROI, 300^3) gets gray values: its bone voxels

@@ -242,6 +242,137 @@ def test_output_over_the_input_is_refused_even_with_overwrite(phantom_tif, tmp_p
     assert (tmp_path / "lr.tif").is_file() and hr_file.read_bytes() == original
 
 
+# ----------------------------------------------------------------------------- extreme input
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "-1", "--random-motion"], "--seed must be >= 0"),
+    (["--photons", "1e300"], "--photons must be <= 1e+15"),
+    (["--smoothing", "1e300"], "--smoothing must be in [0, 100]"),
+    (["--attenuation", "1e300"], "--attenuation must be > 0 and <= 10000"),
+    (["--window", "-1e308", "1e308"], "its width is not a finite number"),
+    (["--shift-um", "1e300", "0"], "--shift-um x = 1e+300 um moves the object out"),
+    (["--shift-um", "0", "1e7"], "--shift-um y = 1e+07 um moves the object out"),
+    (["--edge-pad", "100000"], "GiB of memory"),
+], ids=["seed", "seed-random-motion", "photons", "smoothing", "attenuation", "window",
+        "shift-x", "shift-y", "edge-pad"])
+def test_extreme_option_values_exit_2_naming_the_option(phantom_tif, tmp_path, run_cli, args,
+                                                        message):
+    """Values the option types accept but no run can use (numpy's Poisson limit, a Gaussian
+    kernel or detector larger than memory, a negative seed numpy refuses): one error line,
+    exit 2, nothing written; they used to end in a ValueError/MemoryError (exit 1)."""
+    r = run_cli("simulate", phantom_tif, tmp_path / "out", *args, "--workers", "1", "--quiet")
+    assert r.exit_code == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
+    assert _names(tmp_path) == []
+
+
+def test_a_run_larger_than_the_memory_is_refused_up_front(phantom_tif, tmp_path, run_cli,
+                                                         monkeypatch):
+    """The memory estimate against what the machine has: refused before any slice is
+    simulated (e.g. a huge --views or slice size), naming the input; fits: runs."""
+    from microct_sr import phantom, simulate
+
+    need = simulate.estimate_memory_bytes((20, 64, 64), 1, SimParams(views=100_000_000),
+                                          10.0, 1)
+    assert need > 100 * 2**30                # 1e8 views: the sinograms alone are ~60 GB
+    monkeypatch.setattr(phantom, "available_memory_bytes", lambda: 2**20)
+    r = run_cli("simulate", phantom_tif, tmp_path / "out", "--workers", "1", "--quiet")
+    assert r.exit_code == 2, r.stderr
+    assert f"{phantom_tif}: simulating it needs about" in r.stderr
+    assert "0.0 GiB are available" in r.stderr and _names(tmp_path) == []
+    monkeypatch.setattr(phantom, "available_memory_bytes", lambda: 2**30)
+    r = run_cli("simulate", phantom_tif, tmp_path / "out", "--workers", "1", "--quiet")
+    assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["nrecon", "tif"])
+def test_existing_output_is_refused_before_the_window_sample(phantom_tif, tmp_path, run_cli,
+                                                             monkeypatch, fmt):
+    """The output is checked before the default window reads its 16 sample slices (a whole
+    NIfTI/MHA/NRRD input is loaded for them): no work for a run that cannot write."""
+    from microct_sr import simulate
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.json").write_text("{}")
+
+    def no_sample(*args, **kw):
+        raise AssertionError("the default window was sampled")
+
+    monkeypatch.setattr(simulate, "default_window", no_sample)
+    r = run_cli("simulate", phantom_tif, out, "--format", fmt, "--quiet")
+    assert r.exit_code == 2, r.stderr
+    assert str(out) in r.stderr and ("already exists" in r.stderr or "not empty" in r.stderr)
+    assert _names(out) == ["old.json"]
+
+
+def test_float_volumes_of_any_magnitude_simulate(tmp_path, run_cli):
+    """float32 gray values near the top of the float32 range (1e36 x a phantom), a constant
+    1e30 volume: the slab mean, attenuation and window no longer overflow (exit 1 before);
+    the LR is the same scan scaled."""
+    vol, _ = make_phantom((16, 64, 64), SP, bvtv=0.3, thickness_um=60, cortex=False, seed=1)
+    inputs = {"ref.tif": vol.astype(np.float32), "big.tif": vol.astype(np.float32) * 1e36,
+              "const.tif": np.full((16, 64, 64), 1e30, np.float32)}
+    got = {}
+    for name, array in inputs.items():
+        write_volume(tmp_path / name, array, SP)
+        out = tmp_path / name.replace(".tif", "_lr")
+        r = run_cli("simulate", tmp_path / name, out, "--format", "tif", "--workers", "1",
+                    "--quiet", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert all(math.isfinite(w) for w in json.loads(r.stdout)["window"])
+        with open_volume(out / f"{out.name}.tif") as v:
+            got[name] = v.read(0, len(v)).astype(np.float64)
+        assert np.isfinite(got[name]).all()
+    scale = np.ptp(got["ref.tif"])
+    assert np.abs(got["big.tif"] / 1e36 - got["ref.tif"]).max() < 1e-3 * scale
+    assert np.abs(got["const.tif"] / 1e30 - 1).max() < 1e-3
+
+
+def test_float16_input_gives_a_finite_lr(tmp_path, run_cli):
+    """float16 HR near its top (65504) with strong noise: the LR is clipped to the float16
+    range instead of cast to inf; a tiny --window gives opaque, finite attenuation."""
+    hr = np.zeros((16, 64, 64), np.float16)
+    hr[:, 16:48, 16:48] = 65000
+    tifffile.imwrite(tmp_path / "f16.tif", hr)
+    for i, args in enumerate((["--window", "0", "60000", "--photons", "50"],
+                              ["--window", "0", "1e-300"])):
+        out = tmp_path / f"lr{i}"
+        r = run_cli("simulate", tmp_path / "f16.tif", out, "--spacing-um", "10", "--smoothing",
+                    "0", "--filter", "ramp", "--workers", "1", "--quiet", *args)
+        assert r.exit_code == 0, r.stderr
+        with open_volume(out) as v:
+            lr = v.read(0, len(v))
+        assert lr.dtype == np.float16 and np.isfinite(lr).all()
+
+
+def test_tif_output_into_the_input_scan_folder_is_refused(tmp_path, run_cli):
+    """--format tif with LR_OUT = the input slice folder (with --overwrite) added img17.tif
+    and simulation.json to the scan: a numbered name extends the series (which then reads
+    as broken or longer). Refused; a TIFF input's folder still takes the LR beside it."""
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    for i in range(1, 17):
+        tifffile.imwrite(scan / f"img{i}.tif", np.full((64, 64), i, np.uint8))
+    before = _names(scan)
+    r = run_cli("simulate", scan, scan, "--format", "tif", "--name", "img17", "--spacing-um",
+                "10", "--overwrite", "--quiet")
+    assert r.exit_code == 2 and "LR_OUT is the input scan folder" in r.stderr, r.stderr
+    assert _names(scan) == before
+    with open_volume(scan) as v:
+        assert v.shape == (16, 64, 64)
+
+
+def test_empty_output_path_exits_2(phantom_tif, tmp_path, run_cli, monkeypatch):
+    """LR_OUT "" (an unset shell variable) is not the current folder."""
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("simulate", phantom_tif, "", "--format", "tif", "--quiet")
+    assert r.exit_code == 2 and "LR_OUT is an empty path" in r.stderr, r.stderr
+    assert _names(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- physics
 
 def test_noise_falls_like_one_over_sqrt_photons():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ._common import emit_json, json_option, spacing_option
@@ -13,17 +11,20 @@ JSON_KEYS = ("path", "format", "shape", "dtype", "spacing_um", "spacing_source",
 
 
 @click.command("info")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(path_type=str))
 @spacing_option
 @json_option
-def command(path: Path, spacing_um: tuple[float, float, float] | None, as_json: bool) -> None:
+def command(path: str, spacing_um: tuple[float, float, float] | None, as_json: bool) -> None:
     """Print format, shape (z, y, x), dtype, value range of a sample and voxel size of PATH.
 
     PATH is an NRecon folder, a folder of numbered slices, a TIFF/OME-TIFF, NIfTI, MHA/MHD,
     NRRD file or a DICOM series folder.
     """
+    from ..errors import UserError
     from ..volume import describe, open_volume
 
+    if not path:        # an unset shell variable: not the current folder
+        raise UserError("PATH is an empty path; give a scan file or folder")
     with open_volume(path, spacing_um=spacing_um) as vol:
         info = describe(vol)
     if as_json:

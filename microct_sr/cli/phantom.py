@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
 import click
 
 from ._common import (
@@ -43,26 +47,46 @@ def command(out: str, shape: tuple[int, int, int], bvtv: float, thickness_um: fl
     Plates and rods from band-limited noise, marrow and bone gray levels, partial-volume
     edges, blur and noise; the achieved BV/TV and thickness are reported (--json).
     """
-    from ..phantom import make_phantom
-    from ..volume import open_volume, write_volume
+    from ..errors import UserError
+    from ..phantom import check_memory, check_request, make_phantom
+    from ..volume import create_volume_writer, open_volume
 
-    mask = None
-    if mask_path is not None:
-        with open_volume(mask_path, spacing_um=spacing_um) as mv:
-            refuse_output_over_input([("OUT", out)], volume_inputs(mv))
-            mask = mv.read(0, len(mv))
-            spacing_um = spacing_um or mv.spacing_um
-    spacing = spacing_um or (10.0, 10.0, 10.0)
-    array, info = make_phantom(tuple(shape), spacing, bvtv=bvtv, thickness_um=thickness_um,
-                               cortex=cortex, seed=seed, mask=mask, dtype=dtype,
-                               mask_path=mask_path)
-    path = write_volume(out, array, spacing, overwrite=overwrite,
-                        description="microct-sr phantom (procedural trabecular bone)")
-    info["output"] = str(path)
+    if not out:         # an unset shell variable: not the current folder
+        raise UserError("OUT is an empty path; give the output file or folder")
+    with ExitStack() as stack:
+        mask_vol = None
+        if mask_path is not None:
+            mask_vol = stack.enter_context(open_volume(mask_path, spacing_um=spacing_um))
+            refuse_output_over_input([("OUT", out)], volume_inputs(mask_vol))
+            check_memory(mask_vol.shape)
+            spacing_um = spacing_um or mask_vol.spacing_um
+        spacing = spacing_um or (10.0, 10.0, 10.0)
+        if mask_vol is None:
+            check_request(tuple(shape), spacing, bvtv, thickness_um, dtype, seed,
+                          cortex=cortex)
+        # the output is checked (exists, parent folder, format, free space) before the work
+        grid = tuple(shape) if mask_vol is None else tuple(mask_vol.shape)
+        writer = stack.enter_context(create_volume_writer(
+            out, grid, dtype, spacing, overwrite=overwrite,
+            description="microct-sr phantom (procedural trabecular bone)"))
+        mask = None if mask_vol is None else mask_vol.read(0, len(mask_vol))
+        array, info = make_phantom(tuple(shape), spacing, bvtv=bvtv, thickness_um=thickness_um,
+                                   cortex=cortex, seed=seed, mask=mask, dtype=dtype,
+                                   mask_path=mask_path)
+        _write_blocks(writer, array)
+    info["output"] = str(Path(out))
     if mask_path is not None:
         info["mask"] = mask_path
     if as_json:
         emit_json(info)
     else:
-        click.echo(f"{path}: phantom {tuple(info['shape'])} {dtype} at {spacing[2]:g} um, "
-                   f"BV/TV {info['bvtv']:.3f}, Tb.Th {info['thickness_um']:.1f} um")
+        click.echo(f"{info['output']}: phantom {tuple(info['shape'])} {dtype} at "
+                   f"{spacing[2]:g} um, BV/TV {info['bvtv']:.3f}, "
+                   f"Tb.Th {info['thickness_um']:.1f} um")
+
+
+def _write_blocks(writer: Any, array: Any) -> None:
+    """Write ``array`` (z, y, x) in blocks of about 64 MB."""
+    step = max(1, (64 << 20) // max(1, array[0].nbytes))
+    for z in range(0, array.shape[0], step):
+        writer.write(array[z:z + step])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
 from ._common import (
@@ -86,6 +89,8 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
     from ..simulate import random_motion as draw_motion
     from ..volume import open_volume
 
+    if not lr_out:      # an unset shell variable: not the current folder
+        raise UserError("LR_OUT is an empty path; give the output folder")
     if random_motion and (rotation is not None or shift_um is not None):
         raise UserError("give either --random-motion or --rotation/--shift-um, not both")
     params = SimParams(factor=factor, views=views,
@@ -100,6 +105,7 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
     with open_volume(hr, spacing_um=spacing_um) as vol:
         refuse_output_over_input([("LR_OUT", p) for p in output_targets(lr_out, fmt, name)],
                                  volume_inputs(vol))
+        _refuse_tif_into_scan_folder(lr_out, fmt, vol)
         if random_motion:
             sp = spacing_um or vol.spacing_um
             if sp is None:
@@ -114,4 +120,16 @@ def command(hr: str, lr_out: str, factor: int, views: int, photons: float | None
         click.echo(f"{truth['output']}: LR scan {tuple(truth['lr_shape'])} at "
                    f"{truth['lr_spacing_um'][2]:g} um, rotation {truth['rotation_deg']:g} deg, "
                    f"shift {truth['shift_um']} um, {truth['seconds']:.1f} s "
-                   f"(truth: {lr_out}/simulation.json)")
+                   f"(truth: {Path(lr_out) / 'simulation.json'})")
+
+
+def _refuse_tif_into_scan_folder(lr_out: str, fmt: str, vol: Any) -> None:
+    """UserError when ``--format tif`` would write into the input's own scan folder (slices,
+    NRecon, DICOM): its ``<name>.tif`` and ``simulation.json`` would join the scan (a numbered
+    name extends the series, a TIFF in a DICOM folder makes it unreadable)."""
+    folder = Path(vol.path)
+    if fmt == "tif" and folder.is_dir() and Path(lr_out).resolve() == folder.resolve():
+        from ..errors import UserError
+
+        raise UserError(f"LR_OUT is the input scan folder {vol.path}; --format tif would add "
+                        "its files to the scan (give another LR_OUT)", lr_out)

@@ -14,6 +14,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import click
 import cv2
 import numpy as np
 import pytest
@@ -633,3 +634,53 @@ def test_big_endian_tiff_and_writable_slices(tmp_path):
     np.testing.assert_array_equal(s, a[1:3])
     le = open_volume(write_volume(tmp_path / "le.tif", a, None))[2]
     le[0, 0] = 1  # slices are ordinary writable arrays
+
+
+@pytest.mark.parametrize("name", ["v.tif", "v.ome.tif", "v.nrrd", "v.nii.gz"])
+def test_float16_is_written_as_float32_with_the_same_values(tmp_path, caplog, name):
+    """No TIFF flavour Fiji reads, nor SimpleITK, holds float16: float32 keeps every value."""
+    a = (np.random.default_rng(0).standard_normal((2, 8, 8)) * 1000).astype(np.float16)
+    with caplog.at_level(logging.WARNING):
+        path = write_volume(tmp_path / name, a, (80.0, 10.0, 10.0))
+    assert name in caplog.text and "float16" in caplog.text
+    with open_volume(path) as v:
+        assert v.dtype == np.float32 and v.spacing_um == pytest.approx((80.0, 10.0, 10.0))
+        np.testing.assert_array_equal(v.read(0, 2), a.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_64_bit_integers_in_tiff_are_refused_naming_formats_that_hold_them(tmp_path, dtype):
+    a = np.arange(128, dtype=dtype).reshape(2, 8, 8)
+    with pytest.raises(UserError, match=r"v\.tif: TIFF .* cannot hold u?int64.*\.nrrd"):
+        write_volume(tmp_path / "v.tif", a, (80.0, 10.0, 10.0))
+    assert list(tmp_path.iterdir()) == []
+    with open_volume(write_volume(tmp_path / "v.nrrd", a, (80.0, 10.0, 10.0))) as v:
+        np.testing.assert_array_equal(v.read(0, 2), a)
+
+
+def test_absurd_header_voxel_size_counts_as_unknown(tmp_path, caplog):
+    """1e-40 mm (a unit mix-up or garbage) is no voxel size: unknown, with a warning, and
+    --spacing-um outside 1 pm - 1 km is refused."""
+    from microct_sr.cli._common import parse_spacing
+
+    path = mha_with(tmp_path, "tiny.mha", "ElementSpacing", "1e-40 1e-40 1e-40")
+    with caplog.at_level(logging.WARNING):
+        v = open_volume(path)
+    assert v.spacing_um is None and "tiny.mha" in caplog.text and "outside" in caplog.text
+    assert parse_spacing("1e-3") == (1e-3, 1e-3, 1e-3)
+    for bad in ("1e-30", "80,10,1e12"):
+        with pytest.raises(click.BadParameter, match=r"must lie in 1e-06-1e\+09 um"):
+            parse_spacing(bad)
+
+
+@pytest.mark.parametrize("name", ["v.tif", "v.ome.tif"])
+def test_voxel_size_beyond_tiff_rationals_still_writes(tmp_path, caplog, name):
+    """8x below a 1 pm input: pixels per cm exceed a TIFF rational; the file is written
+    without resolution tags (it used to crash in tifffile) and reads as spacing unknown."""
+    a = _vol(np.uint8, shape=(2, 8, 8))
+    with caplog.at_level(logging.WARNING):
+        path = write_volume(tmp_path / name, a, (1.25e-7, 1.25e-7, 1.25e-7))
+    with open_volume(path) as v:
+        np.testing.assert_array_equal(v.read(0, 2), a)
+        assert v.spacing_um is None
+    assert name in caplog.text

@@ -26,9 +26,14 @@ def parse_spacing(value: str | None) -> tuple[float, float, float] | None:
         raise click.BadParameter(f"{value!r} is not a number or 'Z,Y,X' in micrometres")
     if len(nums) == 1:
         nums = nums * 3
+    from ..volume.base import SPACING_RANGE_UM
+
+    lo, hi = SPACING_RANGE_UM
     if len(nums) != 3 or any(not (0 < n < math.inf) for n in nums):
         raise click.BadParameter(
             f"{value!r}: give one positive finite value or three as Z,Y,X (um)")
+    if any(not lo <= n <= hi for n in nums):
+        raise click.BadParameter(f"{value!r}: voxel sizes must lie in {lo:g}-{hi:g} um")
     return (nums[0], nums[1], nums[2])
 
 

@@ -101,7 +101,7 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
         summary = {"input": str(input_path), "output": str(output_path),
                    "shape": list(shape),
                    "spacing_um": None if spacing is None else list(spacing),
-                   "dtype": str(vol.dtype), "model": str(model_file),
+                   "dtype": str(writer.dtype), "model": str(model_file),
                    "device": stats["device"], "precision": stats["precision"],
                    "self_ensemble": ensemble, "seconds": round(stats["seconds"], 3),
                    "slices_per_second": round(stats["slices_per_second"] or 0.0, 3)}

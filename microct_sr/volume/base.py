@@ -15,6 +15,9 @@ from .. import nrecon
 from ..errors import UserError
 
 Spacing = tuple[float, float, float]
+# Voxel sizes (um) that can describe a scan: 1 pm to 1 km. Beyond them a value is a unit
+# mix-up or garbage, and TIFF resolution tags or NRecon section numbers cannot be formed.
+SPACING_RANGE_UM = (1e-6, 1e9)
 
 SITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
 SITK_WRITE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
@@ -105,6 +108,11 @@ def checked_spacing(path: Path, spacing_um: Any) -> Spacing | None:
     if any(s < 0 for s in sp):
         log.warning("%s: negative voxel size (z, y, x) %s um in the file; using its absolute "
                     "value (the axis direction is not part of the voxel size)", path, sp)
+    lo, hi = SPACING_RANGE_UM
+    if not all(lo <= abs(s) <= hi for s in sp):
+        log.warning("%s: voxel size (z, y, x) %s um is outside %g-%g um; ignored", path, sp,
+                    lo, hi)
+        return None
     return tuple(abs(s) for s in sp)  # type: ignore[return-value]
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from .base import SITK_SUFFIXES, Spacing, Volume, check_same_headers
-from .writer import VolumeWriter
+from .writer import VolumeWriter, float16_as_float32
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,8 @@ class SitkWriter(VolumeWriter):
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any,
                  spacing_um: Spacing | None, overwrite: bool):
         self._buf: np.ndarray | None = None
-        super().__init__(path, shape, dtype, spacing_um, overwrite)
+        dt = float16_as_float32(path, dtype, "NIfTI/MHA/NRRD (SimpleITK)")
+        super().__init__(path, shape, dt, spacing_um, overwrite)
 
     def _open(self) -> None:
         self._buf = np.empty(self.shape, self.dtype)

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import UserError
 from .base import IMAGEJ_DTYPES, Spacing, Volume
 from .slices import _gray
-from .writer import VolumeWriter
+from .writer import VolumeWriter, float16_as_float32
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,17 @@ def _ome_spacing(xml: str) -> Spacing | None:
 # Writing
 # --------------------------------------------------------------------------------------------
 
+def _resolution_tags(path: Path, x: float, y: float, unit: str | None = None) -> dict:
+    """tifffile's resolution keywords, or none when a value does not fit a TIFF rational
+    (32-bit numerator and denominator: voxel sizes far outside micro-CT's), with a warning."""
+    limit = 2.0**32 - 1
+    if not all(1 / limit <= v <= limit for v in (x, y)):
+        log.warning("%s: pixels per unit %g x %g do not fit the TIFF resolution tags; left "
+                    "out", path, x, y)
+        return {}
+    return {"resolution": (x, y), **({"resolutionunit": unit} if unit else {})}
+
+
 class TiffVolumeWriter(VolumeWriter):
     """ImageJ hyperstack TIFF (spacing + unit um, X/YResolution in px/um), or BigTIFF with
     OME-XML PhysicalSize in um when forced (``.ome.tif``) or above :data:`BIGTIFF_THRESHOLD`.
@@ -277,7 +288,12 @@ class TiffVolumeWriter(VolumeWriter):
                  description: str | None = None):
         self.ome, self.description = ome, description
         self._fh: Any = None
-        super().__init__(path, shape, dtype, spacing_um, overwrite)
+        dt = np.dtype(dtype)
+        if dt.kind in "iu" and dt.itemsize == 8:  # neither ImageJ nor OME pixel types
+            raise UserError(f"TIFF (ImageJ or OME) cannot hold {dt} voxels; write .nrrd, .mha "
+                            "or .nii.gz, which keep them", path)
+        super().__init__(path, shape, float16_as_float32(path, dt, "TIFF (ImageJ or OME)"),
+                         spacing_um, overwrite)
 
     def _open(self) -> None:
         nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
@@ -303,15 +319,15 @@ class TiffVolumeWriter(VolumeWriter):
                 for axis, v in zip("ZYX", self.spacing_um):
                     md[f"PhysicalSize{axis}"] = v
                     md[f"PhysicalSize{axis}Unit"] = "µm"
-                kw = {"resolution": (1e4 / self.spacing_um[2], 1e4 / self.spacing_um[1]),
-                      "resolutionunit": "CENTIMETER"}
+                kw = _resolution_tags(self.path, 1e4 / self.spacing_um[2],
+                                      1e4 / self.spacing_um[1], "CENTIMETER")
             if description:
                 md["Description"] = description
         else:
             md = {"axes": "ZYX"}
             if self.spacing_um:
                 md.update(spacing=self.spacing_um[0], unit="um")
-                kw = {"resolution": (1 / self.spacing_um[2], 1 / self.spacing_um[1])}
+                kw = _resolution_tags(self.path, 1 / self.spacing_um[2], 1 / self.spacing_um[1])
             if description:
                 md["Info"] = description
         with tifffile.TiffWriter(self.tmp, bigtiff=self.bigtiff, imagej=not self.ome,

@@ -50,6 +50,16 @@ def _unregister(writer: "VolumeWriter") -> None:
         _PREV_SIGTERM = None
 
 
+def float16_as_float32(path: Path, dtype: Any, fmt: str) -> np.dtype:
+    """``dtype``, or float32 for float16, which ``fmt`` cannot hold (every float16 value is
+    exactly a float32 one), with a warning naming ``path``."""
+    dt = np.dtype(dtype)
+    if dt != np.float16:
+        return dt
+    log.warning("%s: %s cannot hold float16; writing float32 (the same values)", path, fmt)
+    return np.dtype(np.float32)
+
+
 class VolumeWriter:
     """Appends slices in order under a temporary name; ``close()`` renames into place."""
 

@@ -138,3 +138,18 @@ def test_output_over_input_guard(tmp_path):
     # beside the inputs, or a new name inside the scan folder: allowed
     for out in (tmp_path / "sr.tif", scan / "report.csv", scan / "sub" / "x.tif", None):
         refuse_output_over_input([("--out", out)], inputs)
+
+
+def test_json_output_is_strict_json_with_null_for_non_finite(capsys):
+    """NaN/Inf (Python floats or numpy's, nested) come out as null: `jq` and other strict
+    parsers reject the NaN and Infinity tokens json.dumps writes by default."""
+    import json
+
+    from microct_sr.cli._common import emit_json
+
+    emit_json({"a": float("nan"), "b": [1.5, np.float32("inf"), {"c": -np.inf}],
+               "d": np.float64(2.0), "e": np.int64(3), "f": "nan"})
+    text = capsys.readouterr().out
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.5, None, {"c": None}], "d": 2.0, "e": 3,
+                                "f": "nan"}

@@ -159,9 +159,24 @@ overwrite_option = click.option("--overwrite", is_flag=True,
 
 
 def emit_json(obj: Any) -> None:
-    """Print exactly one JSON document on stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Print exactly one JSON document on stdout; NaN and Inf become null (strict JSON
+    parsers, jq included, reject the NaN/Infinity tokens Python would write)."""
+    text = json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def _finite(o: Any) -> Any:
+    """``o`` with every non-finite float (numpy's too) replaced by None, recursively."""
+    import numpy as np
+
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:

@@ -10,4 +10,13 @@ class UserError(Exception):
 
     def __init__(self, message: str, path: str | Path | None = None):
         self.path = None if path is None else str(path)
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        shown = None if self.path is None else _printable(self.path)
+        super().__init__(f"{shown}: {message}" if shown else message)
+
+
+def _printable(path: str) -> str:
+    """``path`` as is, or quoted with escapes when it holds a newline, another control
+    character or undecodable bytes, so that the message stays one readable line."""
+    if path.isprintable() and not any(0xDC80 <= ord(c) <= 0xDCFF for c in path):
+        return path
+    return ascii(path)

@@ -153,3 +153,15 @@ def test_json_output_is_strict_json_with_null_for_non_finite(capsys):
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": None, "b": [1.5, None, {"c": None}], "d": 2.0, "e": 3,
                                 "f": "nan"}
+
+
+def test_error_naming_a_path_with_a_newline_stays_one_line(run_cli, tmp_path):
+    """A file name with a newline (or undecodable bytes) is shown escaped: the error is one
+    line, as scripts that read the last line of stderr expect."""
+    bad = tmp_path / "scan\nlr.tif"
+    bad.write_bytes(b"not a tiff")
+    r = run_cli("info", bad)
+    assert r.exit_code == 2
+    line = r.stderr.strip()
+    assert "\n" not in line and line.startswith("error: ") and "scan\\nlr.tif" in line
+    assert str(UserError("x", "a b/é.tif")) == "a b/é.tif: x"  # printable names unchanged

@@ -127,6 +127,23 @@ def output_geometry(shape: tuple[int, int, int],
     return (z, y * scale, x * scale), spacing
 
 
+def output_origin(origin_mm: tuple[float, ...] | None, direction: tuple[float, ...] | None,
+                  spacing_um: tuple[float, float, float] | None, scale: int
+                  ) -> tuple[float, float, float] | None:
+    """Physical position (mm, ITK's x, y, z) of the SR volume's first voxel centre, so that it
+    overlays the LR scan in 3D Slicer: LR pixel i covers SR pixels [s*i, s*i + s), so SR
+    pixel 0's centre lies (1/s - 1) / 2 LR pixels from LR pixel 0's, along the in-plane
+    axes of ``direction`` (ITK's row-major 3x3; its columns are the axes). None when the
+    input has no origin, direction or voxel size."""
+    if origin_mm is None or direction is None or spacing_um is None:
+        return None
+    if len(origin_mm) != 3 or len(direction) != 9:
+        return None
+    d = np.asarray(direction, np.float64).reshape(3, 3)
+    step = (0.5 / scale - 0.5) * np.array([spacing_um[2], spacing_um[1], 0.0]) / 1000.0
+    return tuple(float(v) for v in np.asarray(origin_mm, np.float64) + d @ step)
+
+
 def normalise(slices: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Input units -> float32 in [0, 1] (values outside the window are clipped)."""
     x = (slices.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)

@@ -340,3 +340,20 @@ def test_scale_mismatch_only_outside_the_training_voxel_size():
     for trained, spacing in ((None, (1.0, 20.0, 20.0)), ([80.0, 80.0], None),
                              (["x"], (1.0, 20.0, 20.0)), ([0.0, 80.0], (1.0, 20.0, 20.0))):
         assert scale_mismatch(trained, spacing) is None
+
+
+def test_output_origin_moves_half_an_lr_pixel_less_half_an_sr_pixel():
+    """Identity direction, 80 um pixels, x8: SR pixel 0's centre is 7/16 LR pixel (35 um)
+    before LR pixel 0's in x and y; z stays; unknown pieces give None."""
+    from microct_sr.infer import output_origin
+
+    eye = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    got = output_origin((1.0, 2.0, 3.0), eye, (80.0, 80.0, 80.0), 8)
+    assert got == pytest.approx((1.0 - 0.035, 2.0 - 0.035, 3.0))
+    flipped_x = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    assert output_origin((1.0, 2.0, 3.0), flipped_x, (80.0, 40.0, 80.0), 8) == pytest.approx(
+        (1.0 + 0.035, 2.0 - 0.0175, 3.0))
+    assert output_origin(None, eye, (80.0, 80.0, 80.0), 8) is None
+    assert output_origin((1.0, 2.0, 3.0), None, (80.0, 80.0, 80.0), 8) is None
+    assert output_origin((1.0, 2.0, 3.0), eye, None, 8) is None
+    assert output_origin((1.0, 2.0), (1.0, 0.0, 0.0, 1.0), (80.0, 80.0, 80.0), 8) is None

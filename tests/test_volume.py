@@ -213,6 +213,8 @@ def test_dicom_series_folder(tmp_path):
     assert v.format == "sitk" and v.shape == (4, 8, 9)
     assert v.metadata["files"] == 4
     assert v.spacing_um == pytest.approx((50.0, 30.0, 20.0))
+    assert v.metadata["origin_mm"] == pytest.approx((0.0, 0.0, 0.0))  # the first slice's
+    assert len(v.metadata["direction"]) == 9
     np.testing.assert_array_equal(v.read(0, 4), a)
 
 

@@ -73,7 +73,7 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
     .nii.gz, .mha, .nrrd, or a folder for NRecon-style slices), in the input's dtype."""
     from .. import __version__
     from ..checkpoint import load_model
-    from ..infer import output_geometry, scale_mismatch, upscale_volume
+    from ..infer import output_geometry, output_origin, scale_mismatch, upscale_volume
     from ..volume import create_volume_writer, open_volume
 
     model_file = _model_path(model)
@@ -90,8 +90,12 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
         mismatch = scale_mismatch(prov.get("lr_pixel_um"), vol.spacing_um)
         if mismatch:
             log.warning("%s: %s", input_path, mismatch)
+        meta = vol.metadata
         with create_volume_writer(
                 output_path, shape, vol.dtype, spacing, overwrite=overwrite,
+                origin_mm=output_origin(meta.get("origin_mm"), meta.get("direction"),
+                                        vol.spacing_um, s),
+                direction=meta.get("direction") if meta.get("origin_mm") else None,
                 description=f"microct-sr {__version__} upscale x{s} of {input_path.name} "
                             f"with {model_file.name}") as writer:
             stats = upscale_volume(vol, writer, net, intensity=ckpt["intensity"], window=window,

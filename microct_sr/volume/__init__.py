@@ -157,8 +157,12 @@ def output_kind(path: Path, nrecon_prefix: str | None = None) -> str:
 def create_volume_writer(path: str | Path, shape: tuple[int, int, int], dtype: Any,
                          spacing_um: Spacing | None, *, overwrite: bool = False,
                          nrecon_prefix: str | None = None, nrecon_log: dict | None = None,
-                         description: str | None = None) -> VolumeWriter:
+                         description: str | None = None,
+                         origin_mm: tuple[float, ...] | None = None,
+                         direction: tuple[float, ...] | None = None) -> VolumeWriter:
     """A slice-by-slice writer for ``path`` (format from the suffix; see the module docs).
+    ``origin_mm`` and ``direction`` (ITK's, row-major 3x3) go into NIfTI/MHA/NRRD headers;
+    TIFF and NRecon have no place for them.
 
     Raises :class:`UserError` when ``path`` exists and ``overwrite`` is False, or its folder
     does not exist.
@@ -171,7 +175,8 @@ def create_volume_writer(path: str | Path, shape: tuple[int, int, int], dtype: A
     if kind in ("tiff", "ome"):
         return TiffVolumeWriter(path, shape, dtype, spacing_um, overwrite, ome=kind == "ome",
                           description=description)
-    return SitkWriter(path, shape, dtype, spacing_um, overwrite)
+    return SitkWriter(path, shape, dtype, spacing_um, overwrite, origin_mm=origin_mm,
+                      direction=direction)
 
 
 def write_volume(path: str | Path, array: np.ndarray, spacing_um: Spacing | None,

@@ -277,8 +277,11 @@ class DicomSeriesVolume(Volume):
             dz = float(np.linalg.norm(o1 - o0))
             sz = dz if dz > 0 else sz
         spacing = (sz * 1000.0, sy * 1000.0, sx * 1000.0)
+        meta: dict[str, Any] = {"files": len(files)}
+        if first.GetDimension() == 3:
+            meta.update(origin_mm=first.GetOrigin(), direction=first.GetDirection())
         super().__init__(folder, (len(files),) + arr.shape[-2:], arr.dtype, spacing,
-                         "sitk-header", {"files": len(files)})
+                         "sitk-header", meta)
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
         import SimpleITK as sitk
@@ -307,8 +310,11 @@ class SitkWriter(VolumeWriter):
     kind = "sitk"
 
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any,
-                 spacing_um: Spacing | None, overwrite: bool):
+                 spacing_um: Spacing | None, overwrite: bool, *,
+                 origin_mm: tuple[float, ...] | None = None,
+                 direction: tuple[float, ...] | None = None):
         self._buf: np.ndarray | None = None
+        self.origin_mm, self.direction = origin_mm, direction
         dt = float16_as_float32(path, dtype, "NIfTI/MHA/NRRD (SimpleITK)")
         super().__init__(path, shape, dt, spacing_um, overwrite)
 
@@ -334,6 +340,10 @@ class SitkWriter(VolumeWriter):
         img = sitk.GetImageFromArray(self._buf)
         if self.spacing_um:
             img.SetSpacing([v / 1000.0 for v in self.spacing_um[::-1]])
+        if self.origin_mm is not None and len(self.origin_mm) == 3:
+            img.SetOrigin([float(v) for v in self.origin_mm])
+        if self.direction is not None and len(self.direction) == 9:
+            img.SetDirection([float(v) for v in self.direction])
         writer = sitk.ImageFileWriter()
         writer.SetImageIO(_IMAGE_IO[sitk_suffix(self.path)])
         writer.SetFileName(str(self.tmp))

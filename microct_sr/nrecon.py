@@ -215,6 +215,27 @@ def default_log(shape: tuple[int, int, int], spacing_um: tuple[float, float, flo
     return sections
 
 
+# [Reconstruction] entries that describe the slices' grid and files: a volume derived from a
+# scan (an 8x upscale) has its own, which the writer sets.
+GRID_KEYS = ("First Section", "Last Section", "Section to Section Step", "Sections Count",
+             "Result File Type", "Result Image Width (pixels)", "Result Image Height (pixels)",
+             "Pixel Size (um)", "Reconstruction Program", "Program Version",
+             "Undersampling factor")
+
+
+def carried_log(sections: Sections) -> Sections:
+    """A scan's log entries that still hold for a volume derived from it (scanner, acquisition,
+    reconstruction settings, user notes), for the derived volume's log: everything but the
+    grid (:data:`GRID_KEYS`), the file names and our own section, which its writer sets."""
+    drop = {"File name convention", OWN_SECTION}
+    out = {name: dict(entries) for name, entries in sections.items()
+           if name and name not in drop}
+    if "Reconstruction" in out:
+        out["Reconstruction"] = {k: v for k, v in out["Reconstruction"].items()
+                                 if k not in GRID_KEYS}
+    return out
+
+
 def format_log(sections: Sections) -> bytes:
     """Serialise sections as NRecon does (CRLF, latin-1; unencodable characters become '?')."""
     lines: list[str] = []

@@ -269,3 +269,33 @@ def test_log_found_by_content_when_not_named_rec(tmp_path):
     assert nrecon.find_log(folder) == folder / "reconstruction.log"
     v = open_volume(folder)
     assert v.format == "nrecon" and v.spacing_um == pytest.approx((9.919978,) * 3)
+
+
+def test_upscale_of_an_nrecon_scan_keeps_its_scanner_and_settings(tmp_path, run_cli):
+    """An 8x upscale written as an NRecon folder carries the scan's [System], [Acquisition],
+    [User] entries and its reconstruction settings, with the grid (pixel size, sections,
+    image size, file names) its own, plus where it came from; readers get 80 x 10 x 10 um."""
+    from _volume_files import make_model
+
+    make_nrecon_folder(tmp_path / "rec", n=3, h=6, w=5)
+    model = make_model(tmp_path / "tiny.pt")
+    out = tmp_path / "sr"
+    r = run_cli("upscale", tmp_path / "rec", out, "--model", model, "--quiet")
+    assert r.exit_code == 0, r.stderr
+    s = nrecon.parse_log(nrecon.find_log(out))
+    assert s["System"]["Scanner"] == "Skyscan1272"
+    assert s["Acquisition"]["Source Voltage (kV)"].strip() == "60"
+    assert s["Acquisition"]["Data directory"] == "D:\\Results\\Müller\\tibia_4"
+    assert s["User"]["User Name"] == "USER"
+    rec = s["Reconstruction"]
+    assert rec["Filter type description"] == "Hamming (Alpha=0.54)" and rec["Smoothing"] == "2"
+    assert rec["Reconstruction Program"] == "microct-sr" and "Undersampling factor" not in rec
+    assert float(rec["Pixel Size (um)"]) == pytest.approx(9.919978 / 8)
+    assert rec["Result Image Width (pixels)"] == "40" and rec["Sections Count"] == "3"
+    assert rec["Section to Section Step"] == "8"
+    assert s["File name convention"]["Filename Prefix"] != "tibia_4__rec"
+    assert s[nrecon.OWN_SECTION]["Upscaled from"] == str(tmp_path / "rec")
+    assert s[nrecon.OWN_SECTION]["Scale"] == "8"
+    with open_volume(out) as v:
+        assert v.shape == (3, 48, 40)
+        assert v.spacing_um == pytest.approx((9.919978, 9.919978 / 8, 9.919978 / 8))

@@ -248,7 +248,9 @@ def run_child(spec: dict, threads: int) -> dict:
         raise RuntimeError(f"child {spec} failed:\n{r.stderr}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
     method = res["method"] + (f"/t{res['ours_tile']}" if res.get("ours_tile") else "") + \
-        ("/unfused" if res.get("fuse_last") is False else "")
+        ("/unfused" if res.get("fuse_last") is False else "") + \
+        ("/nchw" if not res.get("channels_last", True) else "") + \
+        ("/ens" if res.get("ensemble") else "")
     print(f"  {res['preset']:6s} {method:10s} n={res['slices']:3d} "
           f"{res['slices_per_second']:8.3f} slices/s {res['gflops']:7.1f} GFLOP/s "
           f"peak RSS {res['peak_rss_mib']:7.0f} MiB", file=sys.stderr, flush=True)

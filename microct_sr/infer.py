@@ -144,6 +144,22 @@ def output_origin(origin_mm: tuple[float, ...] | None, direction: tuple[float, .
     return tuple(float(v) for v in np.asarray(origin_mm, np.float64) + d @ step)
 
 
+def output_header(metadata: dict, spacing_um: tuple[float, float, float] | None, scale: int,
+                  *, source: str, model: str) -> dict:
+    """Writer keywords (``create_volume_writer``) that keep a scan's place and record in its
+    SR volume: origin and direction for NIfTI/MHA/NRRD (:func:`output_origin`), and for an
+    NRecon-style folder the scan's own log entries (``nrecon.carried_log``) plus where the
+    volume came from."""
+    from .nrecon import OWN_SECTION, carried_log, merge_sections
+
+    direction = metadata.get("direction")
+    log_extra = {OWN_SECTION: {"Upscaled from": source, "Model": model, "Scale": str(scale)}}
+    if isinstance(metadata.get("log"), dict):  # an NRecon scan: its scanner and settings
+        log_extra = merge_sections(carried_log(metadata["log"]), log_extra)
+    return {"origin_mm": output_origin(metadata.get("origin_mm"), direction, spacing_um, scale),
+            "direction": direction, "nrecon_log": log_extra}
+
+
 def normalise(slices: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Input units -> float32 in [0, 1] (values outside the window are clipped)."""
     x = (slices.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)

@@ -73,8 +73,7 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
     .nii.gz, .mha, .nrrd, or a folder for NRecon-style slices), in the input's dtype."""
     from .. import __version__
     from ..checkpoint import load_model
-    from ..infer import output_geometry, output_origin, scale_mismatch, upscale_volume
-    from ..nrecon import OWN_SECTION, carried_log, merge_sections
+    from ..infer import output_geometry, output_header, scale_mismatch, upscale_volume
     from ..volume import create_volume_writer, open_volume
 
     model_file = _model_path(model)
@@ -91,17 +90,10 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
         mismatch = scale_mismatch(prov.get("lr_pixel_um"), vol.spacing_um)
         if mismatch:
             log.warning("%s: %s", input_path, mismatch)
-        meta = vol.metadata
-        log_extra = {OWN_SECTION: {"Upscaled from": str(input_path), "Model": str(model_file),
-                                   "Scale": str(s)}}
-        if isinstance(meta.get("log"), dict):  # an NRecon scan: its scanner and settings
-            log_extra = merge_sections(carried_log(meta["log"]), log_extra)
+        header = output_header(vol.metadata, vol.spacing_um, s, source=str(input_path),
+                               model=str(model_file))
         with create_volume_writer(
-                output_path, shape, vol.dtype, spacing, overwrite=overwrite,
-                origin_mm=output_origin(meta.get("origin_mm"), meta.get("direction"),
-                                        vol.spacing_um, s),
-                direction=meta.get("direction") if meta.get("origin_mm") else None,
-                nrecon_log=log_extra,
+                output_path, shape, vol.dtype, spacing, overwrite=overwrite, **header,
                 description=f"microct-sr {__version__} upscale x{s} of {input_path.name} "
                             f"with {model_file.name}") as writer:
             stats = upscale_volume(vol, writer, net, intensity=ckpt["intensity"], window=window,

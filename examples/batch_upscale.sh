@@ -5,9 +5,10 @@
 #   MODEL=runs/r1/model.pt examples/batch_upscale.sh scans/ sr/ --device cuda --batch-size 8
 #
 # A scan is a sub-folder (NRecon reconstruction or numbered slices) or a volume file (.tif,
-# .nii.gz, .mha, .nrrd). Outputs are written atomically (temporary name, then rename), so an
-# existing OUT_DIR/<scan>_sr.tif is always complete: re-running the script after a crash, a
-# Ctrl-C or a kill resumes with the scans not yet done. Exit status of `upscale`:
+# .nii.gz, .mha, .nrrd); other files are ignored. Outputs are written atomically (temporary
+# name, then rename), so an existing OUT_DIR/<scan>_sr.tif is always complete: re-running the
+# script after a crash, a Ctrl-C or a kill resumes with the scans not yet done. Exit status of
+# `upscale`:
 # 0 done, 2 bad input (logged, skipped), 130 interrupted (the loop stops), other: logged.
 set -u
 
@@ -24,14 +25,35 @@ if [ -n "${MODEL:-}" ]; then
     model_opt=(--model "$MODEL")
 fi
 
-done_n=0; skipped=0; failed=0
+# The scan's name without its volume suffix (only these: a dot inside a name such as
+# rat.01 or tibia_L.2024-01-05 is part of the name); empty for files that are not volumes.
+scan_stem() {
+    local name=$1 lower
+    lower=$(printf '%s' "$name" | tr '[:upper:]' '[:lower:]')
+    if [ -d "$2" ]; then printf '%s' "$name"; return; fi
+    for suffix in .ome.tiff .ome.tif .nii.gz .tiff .tif .nii .mha .mhd .nrrd .nhdr; do
+        case "$lower" in
+            *"$suffix") printf '%s' "${name:0:${#name}-${#suffix}}"; return ;;
+        esac
+    done
+}
+
+done_n=0; skipped=0; failed=0; ignored=0
 log="$out_dir/batch_upscale.log"
-for scan in "$in_dir"/*; do
+declare -A seen=()
+for scan in "${in_dir%/}"/*; do
     name=$(basename "$scan")
-    case "$name" in
-        *.log|*.txt|*.csv|*.json) continue ;;  # side files, not scans
-    esac
-    stem=${name%%.*}
+    stem=$(scan_stem "$name" "$scan")
+    if [ -z "$stem" ]; then  # notes, logs, spreadsheets: not scans
+        ignored=$((ignored + 1))
+        continue
+    fi
+    if [ -n "${seen[$stem]:-}" ]; then  # rat.tif and rat.nii.gz would share an output
+        echo "error: $scan and ${seen[$stem]} would both write ${stem}_sr.tif; rename one" >&2
+        failed=$((failed + 1))
+        continue
+    fi
+    seen[$stem]=$scan
     out="$out_dir/${stem}_sr.tif"
     if [ -e "$out" ]; then
         skipped=$((skipped + 1))
@@ -49,5 +71,5 @@ for scan in "$in_dir"/*; do
            echo "failed ($status): $scan (see messages above; logged in $log)" >&2 ;;
     esac
 done
-echo "upscaled $done_n, already done $skipped, failed $failed" >&2
+echo "upscaled $done_n, already done $skipped, failed $failed, not scans (ignored) $ignored" >&2
 [ "$failed" -eq 0 ]

@@ -394,3 +394,33 @@ def test_shipped_default_model_on_real_bone(run_cli, tmp_path, shared_data):
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
     assert res[0]["psnr"]["mean"] - res[1]["psnr"]["mean"] > 4.5, res
+
+
+def test_batch_script_keeps_dotted_scan_names_and_ignores_side_files(files, tmp_path):
+    """examples/batch_upscale.sh: rat.01 (a folder) and rat.02.tif both get their own output
+    (names with dots used to collapse to rat_sr.tif, and one animal went missing), a notes
+    file is ignored instead of failing every run, and a re-run skips what is done."""
+    import shutil
+
+    if shutil.which("microct-sr") is None or shutil.which("bash") is None:
+        pytest.skip("needs bash and the installed microct-sr command")
+    script = Path(__file__).resolve().parents[1] / "examples" / "batch_upscale.sh"
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    vol = np.random.default_rng(0).integers(0, 255, (2, 8, 8), np.uint8)
+    write_volume(scans / "rat.01", vol, (80.0, 80.0, 80.0), nrecon_prefix="rat.01_")
+    write_volume(scans / "rat.02.tif", vol, (80.0, 80.0, 80.0))
+    (scans / "notes.md").write_text("scanned 2024-01-05\n")
+    env = dict(os.environ, MODEL=str(files["model"]))
+
+    def batch() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), f"{scans}/", str(tmp_path / "sr")],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    r = batch()
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "sr").glob("*_sr.tif")) == [
+        "rat.01_sr.tif", "rat.02_sr.tif"]
+    assert "upscaled 2, already done 0, failed 0, not scans (ignored) 1" in r.stderr
+    r = batch()
+    assert r.returncode == 0 and "upscaled 0, already done 2" in r.stderr

@@ -87,7 +87,9 @@ def resolve_window(intensity: dict, window: tuple[float, float] | None,
                 f = np.iinfo(given).max / np.iinfo(trained).max
                 lo, hi = lo * f, hi * f
             log.warning("the model was trained on %s intensities in [%g, %g]; the input is %s: "
-                        "using [%g, %g]; pass --window LO HI to set the input's window",
+                        "using [%g, %g]; pass --window LO HI so that marrow and bone land where "
+                        "the training scans had them, not the data's min and max "
+                        "(docs/upscale.md, Intensities)",
                         trained, *intensity["window"], given, lo, hi)
     if not hi > lo:
         raise UserError(f"intensity window [{lo:g}, {hi:g}] is empty (need LO < HI)")

@@ -376,3 +376,29 @@ def test_slices_too_small_for_niqe(run_cli, data, shared_data, tmp_path):
     assert any("not finite" in n for n in out["notes"])
     r = run_cli("evaluate", *args, "--metrics", "niqe", "--quiet")
     assert r.exit_code == 2 and "96x96" in r.stderr
+
+
+def test_scores_of_unaligned_grids_come_with_a_warning(run_cli, data, tmp_path):
+    """A method far below bicubic (here: a volume of another sample) and an LR scan that
+    `simulate` made with motion each add a warning to stderr and the notes; a good method on
+    an aligned LR scan adds none."""
+    d, hr, files = data
+    r = run_cli("evaluate", "--hr", files["hr"], "--sr", f"good={files['good']}", "--lr",
+                files["lr"], "--bicubic", "--metrics", "psnr", "--json", "--quiet")
+    assert r.exit_code == 0 and "below bicubic" not in r.stderr and "motion" not in r.stderr
+    other = write_volume(tmp_path / "other.tif", bone_like((4, 128, 128), seed=9),
+                         (80.0, 10.0, 10.0))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    lr = write_volume(moved / "lr.tif", imread(files["lr"]), (80.0, 80.0, 80.0))
+    (moved / "simulation.json").write_text(json.dumps({"rotation_deg": 4.5,
+                                                        "shift_um": [30.0, -12.0]}))
+    r = run_cli("evaluate", "--hr", files["hr"], "--sr", f"other={other}", "--lr", lr,
+                "--bicubic", "--metrics", "psnr", "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    gap = res[1]["psnr"]["mean"] - res[0]["psnr"]["mean"]
+    assert gap > 1
+    assert f"other scores {gap:.1f} dB below bicubic" in r.stderr
+    assert "simulated with motion (rotation 4.5 deg" in r.stderr
+    assert any("below bicubic" in n for n in res[0]["notes"])

@@ -15,6 +15,7 @@ the slab mean instead). An SR volume of HR's shape is compared slice by slice.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 
 from ..errors import UserError
 from . import fidelity
+
+log = logging.getLogger(__name__)
 
 FACTOR = 8
 ALL_METRICS = ("psnr", "ssim", "niqe", "ma", "pi", "morph")
@@ -571,4 +574,38 @@ def evaluate_files(hr_path: str | Path, methods: list[tuple[str, str | Path]], o
                 references[grid] = reference_stats(hr, grid, opts)
             results.append(evaluate_volume(vol, hr, opts, label=label, scorer=scorer,
                                            reference=references[grid], grid=grid))
+    for note in alignment_warnings(results, lr_path):
+        log.warning("%s", note)
+        for r in results:
+            r.summary.setdefault("notes", []).append(note)
     return results
+
+
+def alignment_warnings(results: list[EvalResult], lr_path: str | Path | None) -> list[str]:
+    """Signs that SR and HR are not on one grid, which makes every score meaningless: an LR
+    scan that `simulate` made with motion, or a method far below bicubic on the same grid."""
+    import json
+
+    out = []
+    if lr_path is not None:
+        lr = Path(lr_path)
+        truth = (lr if lr.is_dir() else lr.parent) / "simulation.json"
+        try:
+            t = json.loads(truth.read_text())
+            rot, shift = float(t.get("rotation_deg") or 0.0), t.get("shift_um") or [0.0, 0.0]
+            moved = abs(rot) > 1e-9 or any(abs(float(v)) > 1e-9 for v in shift)
+        except (OSError, ValueError, TypeError, AttributeError):
+            moved = False
+        if moved:
+            out.append(f"{lr} was simulated with motion (rotation {rot:g} deg, shift {shift} "
+                       "um): it is not on HR's grid, so no score against HR means anything; "
+                       "simulate a scan without motion (or register it) for scoring")
+    bic = next((r for r in results if r.label == BICUBIC_LABEL), None)
+    bic_psnr = (bic.summary.get("psnr") or {}).get("mean") if bic is not None else None
+    for r in results:
+        psnr = (r.summary.get("psnr") or {}).get("mean")
+        if r is not bic and bic_psnr is not None and psnr is not None and psnr < bic_psnr - 1:
+            out.append(f"{r.label} scores {bic_psnr - psnr:.1f} dB below bicubic: check that "
+                       "it was made from this LR scan and that LR and HR are registered (a "
+                       "model trained for another scanner can also do this)")
+    return out

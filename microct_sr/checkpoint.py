@@ -104,6 +104,9 @@ def load_checkpoint(path: str | Path) -> dict:
     """Read and validate a model file; never unpickles arbitrary objects."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir() and (path / "model.pt").is_file():
+            raise UserError(f"a training run folder, not a model file: pass "
+                            f"{path / 'model.pt'}", path)
         raise UserError("model file not found" if not path.exists() else "not a file", path)
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; so does save_model
         raise UserError("not a readable PyTorch model file (truncated, or another format: "

@@ -546,6 +546,10 @@ class _Trainer:
         self.train_ds.window = window
         self.val_ds = PatchDataset(pairs=pairs, scan_ids=self.split["val"], window=window)
         counts = {k: len(v) for k, v in self.split.items()}
+        if counts.get("train", 0) < 3:
+            log.warning("only %d training scan(s): the model learns those samples' bone, not "
+                        "bone in general; pair more animals, or fine-tune (--init) a trained "
+                        "model", counts.get("train", 0))
         log.info("data: %d pair folders, scans %s, %d train / %d val patches, window %s",
                  len({p.folder for p in pairs}), counts, len(self.train_ds), len(self.val_ds),
                  window)
@@ -577,8 +581,10 @@ class _Trainer:
         self.model.to(self.device).train()
         self.ema = WeightEMA(self.model, cfg.ema) if cfg.ema else None  # after --init/resume
         n_params = sum(p.numel() for p in self.model.parameters())
+        source = "from --init" if init_ckpt is not None else (
+            "from the checkpoint" if resume_ckpt is not None else cfg.preset)
         log.info("model %s (%s), %.2f M parameters, device %s, %d process(es)",
-                 self.model_config.arch, cfg.preset, n_params / 1e6, self.device, self.d.world)
+                 self.model_config.arch, source, n_params / 1e6, self.device, self.d.world)
         self.opt_g = torch.optim.Adam(self.model.parameters(), cfg.lr, betas=cfg.betas)
         self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, cfg.lr_step, cfg.lr_gamma)
         self.disc = self.perceptual = self.opt_d = self.sched_d = None
@@ -847,8 +853,18 @@ class _Trainer:
             save_model(self.run_dir / MODEL_FILE, self._eval_model, self.model_config,
                        intensity=self.intensity, provenance=self._provenance(it))
             log.info("wrote %s (%d iterations, val PSNR %s dB, bicubic %s dB)",
-                     self.run_dir / MODEL_FILE, it, last_val[0], last_val[1])
+                     self.run_dir / MODEL_FILE, it, _db(last_val[0]), _db(last_val[1]))
+            if last_val[0] is not None and last_val[1] is not None \
+                    and last_val[0] < last_val[1]:
+                log.warning("%s scores %.2f dB below bicubic on the validation scans: it is "
+                            "not ready to use (more iterations, more data, or --init from a "
+                            "trained model)", self.run_dir / MODEL_FILE,
+                            last_val[1] - last_val[0])
         return summary
+
+
+def _db(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 class _Window:

@@ -205,3 +205,13 @@ def test_pickle_error_type_is_what_torch_raises(tmp_path):
     torch.save({"x": _Boom()}, p)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(p, weights_only=True)
+
+
+def test_a_run_folder_given_as_model_names_its_model_file(tiny_file, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(tiny_file.read_bytes())
+    with pytest.raises(UserError, match=r"run folder, not a model file: pass .*run/model\.pt"):
+        load_checkpoint(run)
+    with pytest.raises(UserError, match="not a file"):
+        load_checkpoint(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import shutil
@@ -801,3 +802,17 @@ def test_gan_stage_without_perceptual_term_needs_no_vgg(pairs, tmp_path, run_cli
     assert r.exit_code == 2 and "'--percep-weight': '-1' is not >= 0" in r.stderr
     r = run_cli(*args, "0", "--disc-feats", "-2", "--out", tmp_path / "neg")
     assert r.exit_code == 2 and "disc_feats must be at least 1" in r.stderr
+
+
+def test_a_model_below_bicubic_and_too_few_scans_are_flagged(pairs, tmp_path, caplog):
+    """One iteration from random weights on two training scans: the log says the model is
+    below bicubic (with the gap, to 2 decimals) and that two scans are few."""
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["rat1", "rat2"], "val": ["rat3"], "test": []}))
+    with caplog.at_level(logging.INFO, logger="microct_sr.train"):
+        s = train(_cfg(pairs, tmp_path / "run", iters=1, split_file=str(split)))
+    gap = s["bicubic_val_psnr"] - s["val_psnr"]
+    assert gap > 0  # the setup: an untrained network is far below bicubic
+    assert f"scores {gap:.2f} dB below bicubic" in caplog.text
+    assert "only 2 training scan(s)" in caplog.text
+    assert re.search(r"val PSNR \d+\.\d\d dB, bicubic \d+\.\d\d dB\)", caplog.text)

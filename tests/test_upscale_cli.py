@@ -424,3 +424,25 @@ def test_batch_script_keeps_dotted_scan_names_and_ignores_side_files(files, tmp_
     assert "upscaled 2, already done 0, failed 0, not scans (ignored) 1" in r.stderr
     r = batch()
     assert r.returncode == 0 and "upscaled 0, already done 2" in r.stderr
+
+
+def test_overwrite_never_deletes_a_folder_of_the_users_own_volumes(tmp_path, run_cli):
+    """`upscale scan out --overwrite` where out/ holds finished SR volumes (multi-page TIFFs,
+    JSON summaries) but no reconstruction log: refused, nothing deleted; a slice folder this
+    tool wrote is still replaced."""
+    vol = np.random.default_rng(0).integers(0, 255, (2, 8, 8), np.uint8)
+    scan = write_volume(tmp_path / "scan.tif", vol, (80.0, 80.0, 80.0))
+    model = make_model(tmp_path / "tiny.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("rat1_sr.tif", "rat2_sr.tif"):
+        write_volume(out / name, vol, (80.0, 10.0, 10.0))
+    (out / "rat1_sr.json").write_text("{}")
+    before = sorted(p.name for p in out.iterdir())
+    r = run_cli("upscale", scan, out, "--model", model, "--overwrite")
+    assert r.exit_code == 2 and "no reconstruction log" in r.stderr and "NAME.tif" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
+    ours = tmp_path / "ours"
+    assert run_cli("upscale", scan, ours, "--model", model).exit_code == 0
+    r = run_cli("upscale", scan, ours, "--model", model, "--overwrite")
+    assert r.exit_code == 0, r.stderr

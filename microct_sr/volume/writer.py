@@ -198,11 +198,19 @@ _REPLACEABLE = set(IMAGE_SUFFIXES) | {".log", ".json", ".csv", ".txt", ".png"}
 
 
 def _check_replaceable_folder(path: Path) -> None:
-    """Only replace folders that look like volume output (slices, logs, json)."""
-    for p in path.iterdir():
+    """Only replace an empty folder or one that looks like an NRecon-style output (slices, a
+    reconstruction log, JSON): ``--overwrite`` on a folder of the user's own volumes would
+    otherwise delete them all."""
+    entries = list(path.iterdir())
+    for p in entries:
         if p.is_dir() or p.suffix.lower() not in _REPLACEABLE:
             raise UserError(f"refusing to replace the folder: it holds {p.name!r}, which this "
                             "tool does not write", path)
+    if entries and not any(p.suffix.lower() == ".log" for p in entries):
+        raise UserError("refusing to replace the folder: it has no reconstruction log, so it "
+                        "is no slice folder this tool wrote (a path without a suffix writes "
+                        "an NRecon-style slice folder; did you mean a file in it, such as "
+                        f"{path / 'NAME.tif'}?)", path)
 
 
 def _remove(p: Path) -> None:

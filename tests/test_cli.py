@@ -165,3 +165,15 @@ def test_error_naming_a_path_with_a_newline_stays_one_line(run_cli, tmp_path):
     line = r.stderr.strip()
     assert "\n" not in line and line.startswith("error: ") and "scan\\nlr.tif" in line
     assert str(UserError("x", "a b/é.tif")) == "a b/é.tif: x"  # printable names unchanged
+
+
+def test_spacing_below_one_um_warns_about_millimetres(caplog):
+    """0.08 is accepted (a valid size) but almost surely millimetres for micro-CT: warned."""
+    from microct_sr.cli._common import parse_spacing
+
+    with caplog.at_level("WARNING"):
+        assert parse_spacing("80") == (80.0, 80.0, 80.0)
+    assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        assert parse_spacing("0.08") == (0.08, 0.08, 0.08)
+    assert "takes micrometres" in caplog.text and "0.08" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -34,6 +35,10 @@ def parse_spacing(value: str | None) -> tuple[float, float, float] | None:
             f"{value!r}: give one positive finite value or three as Z,Y,X (um)")
     if any(not lo <= n <= hi for n in nums):
         raise click.BadParameter(f"{value!r}: voxel sizes must lie in {lo:g}-{hi:g} um")
+    if any(n < 1 for n in nums):  # a micro-CT voxel below 1 um: millimetres, most likely
+        logging.getLogger("microct_sr").warning(
+            "--spacing-um %s: below 1 um; the option takes micrometres (80 for an 80 um "
+            "scan), not millimetres", value)
     return (nums[0], nums[1], nums[2])
 
 

@@ -82,10 +82,7 @@ def command(input_path: Path, output_path: Path, model: Path | None, device: str
                                  [model_file, *volume_inputs(vol)])
         net, ckpt = load_model(model_file)
         s = net.config.scale
-        shape, spacing = output_geometry(vol.shape, vol.spacing_um, s)
-        if spacing is None:
-            log.warning("%s: voxel size unknown; the output has none either (use --spacing-um)",
-                        input_path)
+        shape, spacing = output_geometry(vol.shape, vol.spacing_um, s)  # open_volume warned
         prov = ckpt["provenance"] if isinstance(ckpt["provenance"], dict) else {}
         mismatch = scale_mismatch(prov.get("lr_pixel_um"), vol.spacing_um)
         if mismatch:

@@ -532,7 +532,9 @@ def _morphometry(sr_bone: np.ndarray, hr_bone: np.ndarray, hr: VolumeLike, grid:
     notes.append(f"morphometry: Otsu threshold {reference.threshold:g} chosen on HR, applied "
                  f"to SR and HR; voxel {sp[0]:g} x {sp[1]:g} x {sp[2]:g} um (z, y, x) on the "
                  "compared slices; Tb.Th/Tb.Sp = mean local thickness (distance transform), "
-                 "Tb.N = (BV/TV)/Tb.Th")
+                 "Tb.N = (BV/TV)/Tb.Th. Values on this anisotropic grid are for comparing SR "
+                 "with HR (rel_error), not the bone's own morphometry (measure that on the "
+                 "full 10 um HR scan)")
     if sr_bone.shape[1:] != (grid.height, grid.width):
         notes.append(f"morphometry on the central {sr_bone.shape[1]}x{sr_bone.shape[2]} px of "
                      f"every compared slice (at most {MORPH_MAX_VOXELS:,} voxels: local "

@@ -129,7 +129,8 @@ def open_volume(path: str | Path, spacing_um: Spacing | None = None) -> Volume:
         vol.spacing_source = "user"
     elif vol.spacing_um is None and vol.format != "nrecon":  # NRecon warned about its log
         what = "slices without metadata" if vol.format == "slices" else "no voxel size in the file"
-        log.warning("%s: %s; spacing unknown (use --spacing-um)", path, what)
+        log.warning("%s: %s; spacing unknown, and outputs made from it have none either "
+                    "(give it, in um: --spacing-um 80 for an 80 um scan, or Z,Y,X)", path, what)
     return vol
 
 

@@ -14,8 +14,8 @@ from ._common import (
     emit_json,
     json_option,
     overwrite_option,
+    parse_spacing,
     refuse_output_over_input,
-    spacing_option,
     volume_inputs,
 )
 
@@ -36,7 +36,10 @@ from ._common import (
                    "procedural geometry (e.g. ../shared/data/bone/vertebra_rois/*.nrrd).")
 @click.option("--dtype", type=click.Choice(["uint8", "uint16"]), default="uint8",
               show_default=True)
-@spacing_option
+@click.option("--spacing-um", "spacing_um", default=None,
+              callback=lambda ctx, param, v: parse_spacing(v),
+              help="Voxel size in um, one value (isotropic) or Z,Y,X (default 10; with --mask: "
+                   "the mask's, which this overrides).")
 @overwrite_option
 @json_option
 def command(out: str, shape: tuple[int, int, int], bvtv: float, thickness_um: float,

@@ -170,7 +170,8 @@ class VolumeWriter:
 def _check_target(path: Path, overwrite: bool, folder: bool) -> None:
     """UserError unless ``path`` may be (re)written."""
     if not path.parent.is_dir():
-        raise UserError("the output's parent folder does not exist", path.parent)
+        raise UserError("the output's parent folder does not exist (create it first: "
+                        f"mkdir -p {path.parent})", path.parent)
     if not path.exists():
         return
     if not overwrite:

@@ -231,6 +231,7 @@ def bad_files(data):
 @pytest.mark.parametrize("args,message", [
     (["{d}/narrow.tif", "{d}/hr.tif"], "in-plane size"),
     (["{d}/five.tif", "{d}/hr.tif"], "slice count"),
+    (["{d}/hr.tif", "{d}/good.tif"], "HR has the SR's LR grid: are HR and SR swapped?"),
     (["{d}/one.tif", "{d}/hr3.tif"], "no selected SR slice (--slices) has its HR slice"),
     (["{d}/nan.tif", "{d}/hr_float.tif"], "NaN or Inf"),
     (["{d}/sr_float.tif", "{d}/hr_inf.tif"], "NaN or Inf"),

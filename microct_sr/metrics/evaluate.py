@@ -159,9 +159,12 @@ def match_grid(sr_shape: tuple[int, ...], hr_shape: tuple[int, ...], sr_path: An
     elif n in lr_counts:
         factor = FACTOR
     else:
+        swapped = nh in sorted({n // FACTOR, -(-n // FACTOR)})
         raise UserError(f"slice count {n} of SR {sr_path} fits neither HR's {nh} slices nor "
                         f"its {FACTOR}x coarser LR grid "
-                        f"({' or '.join(map(str, lr_counts))} slices)")
+                        f"({' or '.join(map(str, lr_counts))} slices)"
+                        + ("; HR has the SR's LR grid: are HR and SR swapped? (evaluate SR HR)"
+                           if swapped else ""))
     return Grid(factor, n, h, w, not same_plane, nh)
 
 

@@ -1,11 +1,35 @@
-"""Atomic file output: write under a temporary name beside the target, then rename."""
+"""Atomic file output: write under a temporary name beside the target, then rename.
+
+Also the signal plumbing that keeps outputs whole when a run is stopped:
+:func:`exit_on_termination` (the CLI turns SIGTERM/SIGHUP into ``SystemExit(128 + signum)``,
+so cleanup code runs as it does for Ctrl-C) and :func:`deferred_signals` (a few renames that
+must happen together, e.g. ``pair``'s merge into a shared folder, are not cut in half).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import signal
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# The prefix of every temporary output (the same as ``volume.base.TMP_PREFIX``; not imported
+# from there: this module must stay light). Slice-folder readers skip names starting with it.
+TMP_PREFIX = ".microct-sr-tmp-"
+# mkstemp's random part: 8 characters of this set (tempfile._RandomNameSequence)
+_RANDOM = r"[a-z0-9_]{8}"
+
+# Signals that stop a run: Ctrl-C, a job scheduler / kill, a closed terminal or ssh session.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
 
 
 def _umask() -> int:
@@ -19,9 +43,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     A failure or interrupt removes the temporary file and leaves ``path`` untouched. The file
     gets the usual permissions (0666 less the umask), not mkstemp's private 0600, so model files
-    and reports are readable by the lab's other accounts like any other output."""
+    and reports are readable by the lab's other accounts like any other output.
+
+    The temporary name is ``.microct-sr-tmp-<pid>-<random>-<name>``: one left by a killed run
+    (SIGKILL, power loss) is removed by the next write of the same file once its process is
+    gone, so checkpoints and reports do not pile up hidden copies."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp",
+    remove_stale_temporaries(path)
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f"-{path.name}",
                                 dir=path.parent)
     os.close(fd)
     tmp = Path(name)
@@ -33,3 +62,100 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove :func:`atomic_write` temporaries for ``path`` whose process no longer runs."""
+    pat = re.compile(rf"^{re.escape(TMP_PREFIX)}(\d+)-{_RANDOM}-{re.escape(path.name)}$")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:  # a missing parent folder: the write itself reports it
+        return
+    for p in entries:
+        m = pat.match(p.name)
+        if m and not pid_alive(int(m.group(1))):
+            log.info("removing %s left by an interrupted run", p)
+            try:
+                p.unlink()
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (on this machine)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    """Signal handler: stop the run as Ctrl-C does (cleanup runs), exit status 128 + signum."""
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def exit_on_termination() -> Iterator[None]:
+    """Within the block, SIGTERM (job schedulers, ``kill``) and SIGHUP (a closed terminal or
+    ssh session) raise ``SystemExit(128 + signum)`` in the main thread, so ``finally`` blocks
+    and the writers' abort remove temporary output, as after Ctrl-C. A signal set to be
+    ignored (``nohup``) stays ignored; the previous handlers are back after the block (the
+    CLI's ``main`` may run inside another program, e.g. the tests)."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            if signum == signal.SIGINT:
+                continue  # Python's own KeyboardInterrupt
+            try:
+                if signal.getsignal(signum) == signal.SIG_DFL:
+                    previous[signum] = signal.signal(signum, _raise_exit)
+            except (ValueError, OSError):
+                pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is _raise_exit:
+                signal.signal(signum, handler)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP for the duration of the block, then act on the first one
+    that came (the handler in force before: KeyboardInterrupt, SystemExit, or the default
+    action). For short steps that must not stop half-way: a folder swap, a merge of several
+    files. Only the main thread can do this; elsewhere the block runs unprotected."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    previous: dict[int, Any] = {}
+
+    def hold(signum: int, frame: Any) -> None:
+        caught.append((signum, frame))
+
+    try:
+        for signum in STOP_SIGNALS:
+            try:
+                handler = signal.getsignal(signum)
+                if handler is None or handler == signal.SIG_IGN:
+                    continue  # ignored stays ignored; None: installed outside Python
+                previous[signum] = signal.signal(signum, hold)
+            except (ValueError, OSError):
+                pass
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signum, frame = caught[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            else:  # SIG_DFL: the default action, now that the block is done
+                signal.raise_signal(signum)

@@ -606,3 +606,26 @@ def test_hr_shorter_than_lr_pairs_the_covered_slices(run_cli, phantom_pair, tmp_
     assert f"covers only {covered} of the 7 LR slices" in res.stderr
     with open(tmp_path / "o" / "pairs.csv", newline="") as fh:
         assert {int(r["lr_slice"]) for r in csv.DictReader(fh)} <= set(range(covered))
+
+
+def test_a_failed_run_never_removes_an_out_dir_another_scan_merged_into(run_cli, phantom_pair,
+                                                                       tmp_path, monkeypatch):
+    """Run C creates OUT_DIR; another scan merges into it; then C fails (Ctrl-C, SIGTERM, bad
+    data). C removes the folder it made only while it is empty: the other scan's patches
+    stay (the whole folder used to be deleted)."""
+    import microct_sr.pairing as pairing_mod
+
+    out = tmp_path / "shared"
+
+    def other_scan_merges_then_we_fail(out_dir, *args, **kwargs):
+        (out_dir / "pairs.csv").write_text("patch_id,scan_id\nA_00000,A\n")  # scan A's merge
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pairing_mod, "_commit", other_scan_merges_then_we_fail)
+    r = _run_pair(run_cli, phantom_pair, out)
+    assert r.exit_code == 130
+    assert (out / "pairs.csv").read_text().startswith("patch_id,scan_id\nA_00000")
+    monkeypatch.undo()
+    bad = run_cli("pair", phantom_pair.lr, phantom_pair.hr, tmp_path / "fresh", "--lr-patch",
+                  "1000")
+    assert bad.exit_code == 2 and not (tmp_path / "fresh").exists()  # empty: still removed

@@ -1,7 +1,8 @@
 """The ``microct-sr`` command: a click group with one thin module per subcommand.
 
 Exit status: 0 success, 2 bad input (:class:`~microct_sr.errors.UserError` or a usage error),
-1 anything else, 130 on Ctrl-C. ``--debug`` shows tracebacks.
+1 anything else, 130 on Ctrl-C, 143 on SIGTERM (129 on SIGHUP): a stopped run cleans up its
+temporary output either way. ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import traceback
 import click
 
 from .. import __version__
+from ..atomic import exit_on_termination
 from ..errors import UserError
 
 # Explicit list, no import-time scanning: (module under microct_sr.cli, command name).
@@ -56,6 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    # SIGTERM (job schedulers, kill) and SIGHUP stop a run as Ctrl-C does, so every command
+    # removes its temporary output (pair's patch folder, a half-written report) on the way out
+    with exit_on_termination():
+        _run(args, debug)
+
+
+def _run(args: list[str], debug: bool) -> None:
+    """Run the group on ``args`` and exit with the status the conventions give."""
     try:
         cli.main(args=args, prog_name="microct-sr", standalone_mode=False)
     except click.exceptions.Exit as e:

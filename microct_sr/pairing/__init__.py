@@ -48,6 +48,7 @@ The pipeline, :func:`pair_scans`, is in this ``__init__``; each step has its own
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -223,8 +224,9 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
         done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created and not done:
-            shutil.rmtree(out_dir, ignore_errors=True)  # we made it; leave nothing behind
+        if created and not done:  # we made it: leave nothing behind, but only while it is
+            with contextlib.suppress(OSError):  # empty: another scan may have merged into it
+                out_dir.rmdir()
     nccs = np.array([float(r["ncc"]) for r in rows])
     return {"registration": reg_json, "patches": len(rows), "out_dir": str(out_dir),
             "median_ncc": float(np.median(nccs)), "rejected": totals,

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, deferred_signals
 from ..errors import UserError
 
 CSV_COLUMNS = ["patch_id", "scan_id", "lr_slice", "hr_slice", "lr_x", "lr_y", "hr_x", "hr_y",
@@ -52,27 +52,39 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def _commit(out_dir: Path, tmp: Path, scan_id: str, rows: list[dict], reg: dict,
             overwrite: bool) -> None:
-    """Replace this scan's patches/rows/registration by the new ones; other scans untouched."""
+    """Replace this scan's patches/rows/registration by the new ones; other scans untouched.
+
+    Under the folder's lock (concurrent runs of other scans merge one after the other) and
+    with SIGINT/SIGTERM held until the merge is done: an interrupt half-way through would
+    leave ``pairs.csv`` listing patch files already deleted or not yet moved in (``train``
+    then refuses the folder). Waiting for the lock can still be interrupted."""
     with open(out_dir / ".microct-sr-pair.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        old_rows, old_regs = _read_index(out_dir)
-        if not overwrite and scan_exists(out_dir, scan_id):
-            raise UserError(f"scan id {scan_id!r} is already in {out_dir}; use --overwrite to "
-                            "replace it or choose another --scan-id", out_dir)
-        for sub in ("lr", "hr"):
-            (out_dir / sub).mkdir(exist_ok=True)
-            for r in old_rows:
-                if r.get("scan_id") == scan_id:
-                    (out_dir / sub / f"{r['patch_id']}.tif").unlink(missing_ok=True)
-            for p in sorted((tmp / sub).iterdir()):
-                os.replace(p, out_dir / sub / p.name)
-        keep = [r for r in old_rows if r.get("scan_id") != scan_id]
-        _atomic_text(out_dir / "pairs.csv", _csv_text(keep + rows))
-        regs = [g for g in old_regs if g.get("scan_id") != scan_id] + [reg]
-        _atomic_text(out_dir / "registration.json", json.dumps(regs, indent=2) + "\n")
-        if (tmp / "qc.png").exists():
-            (out_dir / "qc").mkdir(exist_ok=True)
-            os.replace(tmp / "qc.png", out_dir / "qc" / f"{scan_id}.png")
+        with deferred_signals():
+            _merge(out_dir, tmp, scan_id, rows, reg, overwrite)
+
+
+def _merge(out_dir: Path, tmp: Path, scan_id: str, rows: list[dict], reg: dict,
+           overwrite: bool) -> None:
+    """:func:`_commit`'s work, with the lock held."""
+    old_rows, old_regs = _read_index(out_dir)
+    if not overwrite and scan_exists(out_dir, scan_id):
+        raise UserError(f"scan id {scan_id!r} is already in {out_dir}; use --overwrite to "
+                        "replace it or choose another --scan-id", out_dir)
+    for sub in ("lr", "hr"):
+        (out_dir / sub).mkdir(exist_ok=True)
+        for r in old_rows:
+            if r.get("scan_id") == scan_id:
+                (out_dir / sub / f"{r['patch_id']}.tif").unlink(missing_ok=True)
+        for p in sorted((tmp / sub).iterdir()):
+            os.replace(p, out_dir / sub / p.name)
+    keep = [r for r in old_rows if r.get("scan_id") != scan_id]
+    _atomic_text(out_dir / "pairs.csv", _csv_text(keep + rows))
+    regs = [g for g in old_regs if g.get("scan_id") != scan_id] + [reg]
+    _atomic_text(out_dir / "registration.json", json.dumps(regs, indent=2) + "\n")
+    if (tmp / "qc.png").exists():
+        (out_dir / "qc").mkdir(exist_ok=True)
+        os.replace(tmp / "qc.png", out_dir / "qc" / f"{scan_id}.png")
 
 
 def _csv_text(rows: list[dict]) -> str:

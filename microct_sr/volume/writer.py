@@ -5,6 +5,7 @@ The format writers live with their readers (tiff.py, slices.py, sitk.py)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import deferred_signals
 from ..errors import UserError
 from .base import IMAGE_SUFFIXES, TMP_PREFIX, Spacing, to_dtype
 
@@ -226,7 +228,11 @@ def _remove(p: Path) -> None:
 
 def _remove_stale(final: Path) -> None:
     """Remove temporary outputs for ``final`` left by killed processes (SIGKILL, power loss).
-    The name's case is ignored: some writers lower-case the suffix of their temporary name."""
+    The name's case is ignored: some writers lower-case the suffix of their temporary name.
+
+    A writer inside this process's own temporary folder ``.microct-sr-tmp-<pid>-<name>`` (one
+    renamed to ``<name>`` when the run succeeds, e.g. ``simulate --format tif``) also removes
+    the folders of that name left by killed runs: nothing else would."""
     pat = re.compile(rf"^{re.escape(TMP_PREFIX)}(?:old-)?(\d+)-{re.escape(final.name)}$",
                      re.IGNORECASE)
     for p in final.parent.iterdir():
@@ -234,6 +240,9 @@ def _remove_stale(final: Path) -> None:
         if m and not _pid_alive(int(m.group(1))):
             log.info("removing %s left by an interrupted run", p)
             _remove(p)
+    own = re.match(rf"^{re.escape(TMP_PREFIX)}(\d+)-(.+)$", final.parent.name)
+    if own and int(own.group(1)) == os.getpid():
+        _remove_stale(final.parent.parent / own.group(2))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -247,12 +256,42 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing folder is swapped out first, then removed."""
-    if tmp.is_dir() and final.is_dir():
-        old = final.parent / f"{TMP_PREFIX}old-{os.getpid()}-{final.name}"
-        _remove(old)
-        os.replace(final, old)
+    """Rename ``tmp`` to ``final``; an existing folder is swapped out first, then removed.
+
+    The folder swap is two renames: it runs with SIGINT/SIGTERM held (an interrupt between
+    them would leave nothing under the final name and the old output under a temporary name
+    that the next run deletes), puts the old folder back if the second rename fails, and
+    swaps again when a concurrent run renamed its own folder into place in between (the run
+    that finishes last wins, as with files, instead of failing with 'Directory not empty')."""
+    if not tmp.is_dir():
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+        return
+    old = final.parent / f"{TMP_PREFIX}old-{os.getpid()}-{final.name}"
+    done = False
+    try:
+        with deferred_signals():
+            for attempt in range(_SWAP_TRIES):
+                _remove(old)  # the output a concurrent run put in place: replaced as well
+                moved = False
+                try:
+                    os.replace(final, old)
+                    moved = True
+                except FileNotFoundError:
+                    pass
+                try:
+                    os.replace(tmp, final)
+                    done = True
+                    break
+                except BaseException as e:
+                    if moved and not final.exists():
+                        os.replace(old, final)  # the old output back under its name
+                    if not (isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY,
+                                                                   errno.EEXIST)) \
+                            or attempt == _SWAP_TRIES - 1:
+                        raise
+    finally:
+        if done:
+            _remove(old)
+
+
+_SWAP_TRIES = 5

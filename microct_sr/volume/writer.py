@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import deferred_signals
+from ..atomic import deferred_signals, pid_alive
 from ..errors import UserError
 from .base import IMAGE_SUFFIXES, TMP_PREFIX, Spacing, to_dtype
 
@@ -237,22 +237,12 @@ def _remove_stale(final: Path) -> None:
                      re.IGNORECASE)
     for p in final.parent.iterdir():
         m = pat.match(p.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             log.info("removing %s left by an interrupted run", p)
             _remove(p)
     own = re.match(rf"^{re.escape(TMP_PREFIX)}(\d+)-(.+)$", final.parent.name)
     if own and int(own.group(1)) == os.getpid():
         _remove_stale(final.parent.parent / own.group(2))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:

@@ -629,3 +629,23 @@ def test_a_failed_run_never_removes_an_out_dir_another_scan_merged_into(run_cli,
     bad = run_cli("pair", phantom_pair.lr, phantom_pair.hr, tmp_path / "fresh", "--lr-patch",
                   "1000")
     assert bad.exit_code == 2 and not (tmp_path / "fresh").exists()  # empty: still removed
+
+
+def test_patch_folders_of_killed_runs_are_removed_live_ones_kept(run_cli, phantom_pair,
+                                                                  tmp_path):
+    """A SIGKILLed run leaves its whole patch folder in OUT_DIR; the next run removes it
+    (its process is gone) but never a folder of a run still going (this process's)."""
+    import os
+
+    out = tmp_path / "p"
+    out.mkdir()
+    dead = out / ".microct-sr-tmp-pair-999999999-ratX-abc123"  # above any pid_max
+    live = out / f".microct-sr-tmp-pair-{os.getpid()}-ratY-def456"
+    for d in (dead, live):
+        (d / "lr").mkdir(parents=True)
+        (d / "lr" / "x.tif").write_bytes(b"partial")
+    r = _run_pair(run_cli, phantom_pair, out)
+    assert r.exit_code == 0, r.stderr
+    assert not dead.exists() and live.exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".microct-sr-tmp-pair-")
+                and p != live]  # the run's own folder is gone too

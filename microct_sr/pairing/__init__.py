@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -149,6 +151,22 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+TMP_PAIR_PREFIX = ".microct-sr-tmp-pair-"  # + <pid>-<scan id>-<random>: a run's patches
+
+
+def _remove_dead_runs_folders(out_dir: Path) -> None:
+    """Remove the patch folders that runs killed outright (SIGKILL, power loss) left in
+    ``out_dir``: as large as a scan's patches, and nothing else would ever remove them."""
+    from ..atomic import pid_alive
+
+    pat = re.compile(rf"^{re.escape(TMP_PAIR_PREFIX)}(\d+)-")
+    for p in out_dir.iterdir():
+        m = pat.match(p.name)
+        if m and p.is_dir() and not pid_alive(int(m.group(1))):
+            log.info("removing %s left by an interrupted run", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = False,
                known_motion: tuple[float, Sequence[float]] | None = None,
                **options: Any) -> dict:
@@ -183,7 +201,9 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
              reg.ncc)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".microct-sr-tmp-pair-{scan_id}-", dir=out_dir))
+    _remove_dead_runs_folders(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PAIR_PREFIX}{os.getpid()}-{scan_id}-",
+                                dir=out_dir))
     done = False
     try:
         (tmp / "lr").mkdir()

@@ -616,8 +616,19 @@ def _slab_task(slabs: list[np.ndarray], params: SimParams,
     return simulate_slabs(slabs, params, spacing, rngs, window)
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
+    """One torch thread; and exit when the parent process is gone (killed outright, SIGKILL:
+    the pool's workers would otherwise sit orphaned and idle for ever)."""
     torch.set_num_threads(1)
+    if parent is not None:
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
 
 
 def _lr_slices(hr: Any, params: SimParams, spacing: tuple[float, float, float],
@@ -649,7 +660,8 @@ def _lr_slices(hr: Any, params: SimParams, spacing: tuple[float, float, float],
             torch.set_num_threads(threads)
         return
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool:
         pending: deque = deque()
         try:
             for ks in tasks:

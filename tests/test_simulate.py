@@ -516,3 +516,44 @@ def test_demo_script_makes_an_hr_and_an_lr_scan(tmp_path):
         assert lr.shape == (3, 8, 8) and lr.spacing_um == (80.0, 80.0, 80.0)
     truth = json.loads((tmp_path / "demo" / "lr_scan" / "simulation.json").read_text())
     assert truth["random_motion"] and truth["seed"] == 3 and truth["rotation_deg"] != 0
+
+
+def test_workers_exit_when_the_main_process_is_killed_outright(tmp_path):
+    """SIGKILL gives the main process no chance to stop its pool: the workers notice their
+    parent is gone and exit (they used to sit orphaned and idle for ever)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    psutil = pytest.importorskip("psutil", reason="psutil (the [dev] extra) lists the workers")
+    if shutil.which("microct-sr") is None:
+        pytest.skip("needs the installed microct-sr command")
+    vol, _ = make_phantom((64, 256, 256), SP, bvtv=0.3, thickness_um=60, cortex=False, seed=2)
+    hr = tmp_path / "hr.tif"
+    tifffile.imwrite(hr, vol, imagej=True, resolution=(0.1, 0.1),
+                     metadata={"spacing": 10.0, "unit": "um"})
+    proc = subprocess.Popen(["microct-sr", "simulate", str(hr), str(tmp_path / "lr"),
+                             "--workers", "2", "--views", "600", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list = []
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+            workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                       if "resource_tracker" not in " ".join(c.cmdline())]
+            time.sleep(0.2)
+        assert proc.poll() is None and workers, "the run ended before its workers were seen"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, [p.pid for p in alive]
+    finally:  # never leave processes behind, whatever failed
+        for p in workers:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if proc.poll() is None:
+            proc.kill()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -21,8 +22,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# The prefix of every temporary output (the same as ``volume.base.TMP_PREFIX``; not imported
-# from there: this module must stay light). Slice-folder readers skip names starting with it.
+# The prefix of every temporary output (files, slice folders, pair's patch folders): readers
+# skip names starting with it, and :func:`remove_dead_runs` cleans up after killed runs.
 TMP_PREFIX = ".microct-sr-tmp-"
 # mkstemp's random part: 8 characters of this set (tempfile._RandomNameSequence)
 _RANDOM = r"[a-z0-9_]{8}"
@@ -66,19 +67,29 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def remove_stale_temporaries(path: Path) -> None:
     """Remove :func:`atomic_write` temporaries for ``path`` whose process no longer runs."""
-    pat = re.compile(rf"^{re.escape(TMP_PREFIX)}(\d+)-{_RANDOM}-{re.escape(path.name)}$")
+    remove_dead_runs(path.parent, re.compile(
+        rf"^{re.escape(TMP_PREFIX)}(\d+)-{_RANDOM}-{re.escape(path.name)}$"))
+
+
+def remove_dead_runs(folder: Path, pattern: re.Pattern) -> None:
+    """Remove the files and folders in ``folder`` whose name matches ``pattern`` (group 1:
+    the id of the process that made them) when that process is gone: what runs killed
+    outright (SIGKILL, power loss) left behind. A missing folder is left to the caller."""
     try:
-        entries = list(path.parent.iterdir())
-    except OSError:  # a missing parent folder: the write itself reports it
+        entries = list(folder.iterdir())
+    except OSError:
         return
     for p in entries:
-        m = pat.match(p.name)
+        m = pattern.match(p.name)
         if m and not pid_alive(int(m.group(1))):
             log.info("removing %s left by an interrupted run", p)
-            try:
-                p.unlink()
-            except (FileNotFoundError, IsADirectoryError):
-                pass
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
 
 
 def pid_alive(pid: int) -> bool:
@@ -94,7 +105,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _raise_exit(signum: int, frame: Any) -> None:
+def raise_exit(signum: int, frame: Any) -> None:
     """Signal handler: stop the run as Ctrl-C does (cleanup runs), exit status 128 + signum."""
     raise SystemExit(128 + signum)
 
@@ -113,14 +124,14 @@ def exit_on_termination() -> Iterator[None]:
                 continue  # Python's own KeyboardInterrupt
             try:
                 if signal.getsignal(signum) == signal.SIG_DFL:
-                    previous[signum] = signal.signal(signum, _raise_exit)
+                    previous[signum] = signal.signal(signum, raise_exit)
             except (ValueError, OSError):
                 pass
     try:
         yield
     finally:
         for signum, handler in previous.items():
-            if signal.getsignal(signum) is _raise_exit:
+            if signal.getsignal(signum) is raise_exit:
                 signal.signal(signum, handler)
 
 

@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import TMP_PREFIX
 from ..errors import UserError
 from .geometry import (
     CONVENTIONS,
@@ -151,20 +152,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-TMP_PAIR_PREFIX = ".microct-sr-tmp-pair-"  # + <pid>-<scan id>-<random>: a run's patches
+TMP_PAIR_PREFIX = f"{TMP_PREFIX}pair-"  # + <pid>-<scan id>-<random>: a run's patches
 
 
 def _remove_dead_runs_folders(out_dir: Path) -> None:
     """Remove the patch folders that runs killed outright (SIGKILL, power loss) left in
     ``out_dir``: as large as a scan's patches, and nothing else would ever remove them."""
-    from ..atomic import pid_alive
+    from ..atomic import remove_dead_runs
 
-    pat = re.compile(rf"^{re.escape(TMP_PAIR_PREFIX)}(\d+)-")
-    for p in out_dir.iterdir():
-        m = pat.match(p.name)
-        if m and p.is_dir() and not pid_alive(int(m.group(1))):
-            log.info("removing %s left by an interrupted run", p)
-            shutil.rmtree(p, ignore_errors=True)
+    remove_dead_runs(out_dir, re.compile(rf"^{re.escape(TMP_PAIR_PREFIX)}(\d+)-"))
 
 
 def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = False,

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import nrecon
+from ..atomic import TMP_PREFIX as TMP_PREFIX  # re-exported: the volume modules use it
 from ..errors import UserError
 
 Spacing = tuple[float, float, float]
@@ -24,7 +25,6 @@ SITK_WRITE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 OME_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.btf")
 IMAGE_SUFFIXES = nrecon.SLICE_EXTENSIONS
-TMP_PREFIX = ".microct-sr-tmp-"
 IMAGEJ_DTYPES = ("uint8", "uint16", "int16", "float32")
 
 log = logging.getLogger(__name__)

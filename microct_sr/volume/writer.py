@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import deferred_signals, pid_alive
+from ..atomic import deferred_signals, raise_exit, remove_dead_runs
 from ..errors import UserError
 from .base import IMAGE_SUFFIXES, TMP_PREFIX, Spacing, to_dtype
 
@@ -27,9 +27,9 @@ _ACTIVE: set["VolumeWriter"] = set()
 _PREV_SIGTERM: Any = None
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM while writing: raise so context managers abort and remove temporary output."""
-    raise SystemExit(128 + signum)
+# SIGTERM while writing (a library caller; the CLI installs the same handler for the whole
+# run): raise, so that context managers abort and remove temporary output.
+_on_sigterm = raise_exit
 
 
 def _register(writer: "VolumeWriter") -> None:
@@ -233,13 +233,8 @@ def _remove_stale(final: Path) -> None:
     A writer inside this process's own temporary folder ``.microct-sr-tmp-<pid>-<name>`` (one
     renamed to ``<name>`` when the run succeeds, e.g. ``simulate --format tif``) also removes
     the folders of that name left by killed runs: nothing else would."""
-    pat = re.compile(rf"^{re.escape(TMP_PREFIX)}(?:old-)?(\d+)-{re.escape(final.name)}$",
-                     re.IGNORECASE)
-    for p in final.parent.iterdir():
-        m = pat.match(p.name)
-        if m and not pid_alive(int(m.group(1))):
-            log.info("removing %s left by an interrupted run", p)
-            _remove(p)
+    remove_dead_runs(final.parent, re.compile(
+        rf"^{re.escape(TMP_PREFIX)}(?:old-)?(\d+)-{re.escape(final.name)}$", re.IGNORECASE))
     own = re.match(rf"^{re.escape(TMP_PREFIX)}(\d+)-(.+)$", final.parent.name)
     if own and int(own.group(1)) == os.getpid():
         _remove_stale(final.parent.parent / own.group(2))

@@ -177,3 +177,52 @@ def test_spacing_below_one_um_warns_about_millimetres(caplog):
     with caplog.at_level("WARNING"):
         assert parse_spacing("0.08") == (0.08, 0.08, 0.08)
     assert "takes micrometres" in caplog.text and "0.08" in caplog.text
+
+
+# ---- --json when the run fails ----------------------------------------------------------
+
+@pytest.mark.parametrize("args, code, path_named", [
+    (["info", "{missing}", "--json"], 2, True),              # bad input (UserError)
+    (["upscale", "--json"], 2, False),                       # usage error: no INPUT
+    (["upscale", "{tiny}", "out.tif", "--json", "--batch-size", "0"], 2, False),
+])
+def test_failed_json_run_prints_one_error_document(run_cli, tiny_tif, tmp_path, args, code,
+                                                   path_named):
+    """A script that parses stdout gets one JSON document whether the run worked or not."""
+    import json
+
+    missing = tmp_path / "no such scan"
+    args = [a.format(missing=missing, tiny=tiny_tif) for a in args]
+    r = run_cli(*args)
+    assert r.exit_code == code
+    doc = json.loads(r.stdout)
+    assert doc["exit_code"] == code and doc["error"]
+    assert doc["path"] == (str(missing) if path_named else None)
+    assert doc["error"] in r.stderr
+
+
+def test_failed_run_without_json_prints_nothing_on_stdout(run_cli, tmp_path):
+    r = run_cli("info", str(tmp_path / "missing"))
+    assert r.exit_code == 2 and r.stdout == "" and "missing" in r.stderr
+
+
+def test_crash_and_signal_with_json_print_an_error_document(run_cli, tiny_tif, monkeypatch):
+    """An unexpected exception (exit 1) and a SIGTERM (exit 143, atomic.raise_exit) as well."""
+    import json
+
+    import microct_sr.volume as volume
+
+    def crash(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(volume, "describe", crash)
+    r = run_cli("info", str(tiny_tif), "--json")
+    assert r.exit_code == 1
+    assert json.loads(r.stdout) == {"error": "RuntimeError: boom", "exit_code": 1, "path": None}
+
+    def terminated(*a, **k):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(volume, "describe", terminated)
+    r = run_cli("info", str(tiny_tif), "--json")
+    assert r.exit_code == 143 and json.loads(r.stdout)["exit_code"] == 143

@@ -18,6 +18,7 @@ import click
 from .. import __version__
 from ..atomic import exit_on_termination
 from ..errors import UserError
+from . import _common
 
 # Explicit list, no import-time scanning: (module under microct_sr.cli, command name).
 SUBCOMMANDS = ["info", "upscale", "simulate", "phantom", "pair", "evaluate", "train"]
@@ -66,27 +67,48 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: list[str], debug: bool) -> None:
     """Run the group on ``args`` and exit with the status the conventions give."""
+    fail = _Failure("--json" in args)
     try:
         cli.main(args=args, prog_name="microct-sr", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
-        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        fail(2 if isinstance(e, click.UsageError) else e.exit_code, e.format_message())
     except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
+        fail(130, "Aborted.", stderr="Aborted.")
     except UserError as e:
         if debug:  # the traceback, but the same exit status: scripts branch on it
             traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        fail(2, str(e), path=e.path, stderr=f"error: {e}")
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        fail(130, "Interrupted.", stderr="Interrupted.")
+    except SystemExit as e:  # SIGTERM/SIGHUP (atomic.raise_exit) or a command's own exit
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code:
+            fail(code, f"stopped by signal {code - 128}" if code > 128 else str(e.code))
+        raise
     except Exception as e:  # noqa: BLE001 - the last line of defence for a CLI
         if debug:
             raise
-        click.echo(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
-        sys.exit(1)
+        fail(1, f"{type(e).__name__}: {e}",
+             stderr=f"error: {type(e).__name__}: {e} (run with --debug for the traceback)")
     sys.exit(0)
+
+
+class _Failure:
+    """Ends a failed run: a line on stderr and, when ``--json`` was asked for and the command
+    printed no JSON yet, ``{"error", "exit_code", "path"}`` on stdout, so that a script that
+    parses stdout gets one document whether the run worked or not."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.printed = _common.json_documents()
+
+    def __call__(self, code: int, message: str, *, path: str | None = None,
+                 stderr: str | None = None) -> None:
+        if stderr is not None:
+            click.echo(stderr, err=True)
+        if self.as_json and _common.json_documents() == self.printed:
+            _common.emit_json({"error": message, "exit_code": code, "path": path})
+        sys.exit(code)

@@ -166,9 +166,20 @@ overwrite_option = click.option("--overwrite", is_flag=True,
 def emit_json(obj: Any) -> None:
     """Print exactly one JSON document on stdout; NaN and Inf become null (strict JSON
     parsers, jq included, reject the NaN/Infinity tokens Python would write)."""
+    global _documents
     text = json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+    _documents += 1
+
+
+_documents = 0
+
+
+def json_documents() -> int:
+    """How many JSON documents this process printed (the CLI adds no error document after a
+    run that printed its own)."""
+    return _documents
 
 
 def _finite(o: Any) -> Any:

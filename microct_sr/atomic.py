@@ -8,6 +8,7 @@ must happen together, e.g. ``pair``'s merge into a shared folder, are not cut in
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -19,6 +20,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None], replace: bool = True) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     A failure or interrupt removes the temporary file and leaves ``path`` untouched. The file
@@ -48,7 +51,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     The temporary name is ``.microct-sr-tmp-<pid>-<random>-<name>``: one left by a killed run
     (SIGKILL, power loss) is removed by the next write of the same file once its process is
-    gone, so checkpoints and reports do not pile up hidden copies."""
+    gone, so checkpoints and reports do not pile up hidden copies. ``replace=False``: an
+    existing ``path`` is never replaced (:func:`publish`)."""
     path = Path(path)
     remove_stale_temporaries(path)
     fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f"-{path.name}",
@@ -58,11 +62,43 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        publish(tmp, path, replace)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def publish(tmp: Path, final: Path, replace: bool = True) -> None:
+    """Rename the finished temporary output ``tmp`` (a file or a folder) to ``final``.
+
+    ``replace=False`` never replaces an existing ``final``, not even one that a concurrent run
+    put there after this run checked (UserError instead, ``tmp`` left to the caller): a file
+    is hard-linked, which fails when the name exists, then its temporary name removed; a
+    folder is renamed, which fails over anything but an empty folder. On a file system
+    without hard links (FAT, some network shares) a file falls back to check-then-rename."""
+    if replace:
+        os.replace(tmp, final)
+        return
+    try:
+        if tmp.is_dir():
+            os.rename(tmp, final)
+        else:
+            try:
+                os.link(tmp, final)
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    raise
+                if os.path.lexists(final):  # no hard links here
+                    raise FileExistsError(errno.EEXIST, "exists", str(final)) from e
+                os.replace(tmp, final)
+            else:
+                tmp.unlink()
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise UserError("appeared while this run was writing it (another run?); it is "
+                            "kept: pass --overwrite to replace it", final) from e
+        raise
 
 
 def remove_stale_temporaries(path: Path) -> None:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .atomic import atomic_write
+from .atomic import atomic_write, publish
 from .errors import UserError
 from .volume.base import finite_slices
 
@@ -525,7 +525,7 @@ def _tif_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        os.replace(tmp, out)
+        publish(tmp, out, replace=False)  # not over a folder another run made meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

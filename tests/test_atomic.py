@@ -301,3 +301,69 @@ def test_simulate_tif_folder_left_by_a_killed_run_is_removed(tmp_path):
         simulate_volume(hr, tmp_path / "lr", SimParams(views=16, window=(0.0, 255.0)),
                         fmt="tif", quiet=True, workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hr.tif", "lr"]
+
+
+# ---- without --overwrite, an output another run finished meanwhile is never replaced ------
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_atomic_write_without_replace_keeps_a_file_that_appeared(tmp_path, monkeypatch,
+                                                                hard_links):
+    """Checking for the output and renaming into place are two steps: a second run that
+    finished in between used to replace the first one's report. Also on a file system
+    without hard links (the check-then-rename fallback)."""
+    import errno
+
+    from microct_sr.errors import UserError
+
+    if not hard_links:
+        def no_link(a, b):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_link)
+    path = tmp_path / "table.md"
+
+    def write(tmp: Path) -> None:
+        tmp.write_text("this run")
+        path.write_text("the other run")  # the other run finishes while this one writes
+
+    with pytest.raises(UserError, match="appeared while this run was writing it"):
+        atomic_write(path, write, replace=False)
+    assert path.read_text() == "the other run"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
+    assert atomic_write(tmp_path / "new.md", lambda t: t.write_text("x"), replace=False)
+    assert (tmp_path / "new.md").read_text() == "x"
+    with pytest.raises(UserError):  # an existing file, as before: kept as well
+        atomic_write(tmp_path / "new.md", lambda t: t.write_text("y"), replace=False)
+    assert (tmp_path / "new.md").read_text() == "x"
+
+
+@pytest.mark.parametrize("name", ["scan.tif", "scan.nii.gz", "scan"])
+def test_volume_output_finished_by_another_run_meanwhile_is_kept(tmp_path, monkeypatch, name):
+    """Two runs without --overwrite into the same output: the one that finished second
+    replaced the first one's volume (a TIFF, a NIfTI file or an NRecon folder). Now it stops
+    with exit 2's UserError naming the file, the first result stays, nothing is left over."""
+    import microct_sr.volume.writer as writer
+    from microct_sr.errors import UserError
+    from microct_sr.volume import create_volume_writer
+
+    final = tmp_path / name
+    real, state = writer._check_target, {"closing": False}
+
+    def check(path, overwrite, folder):
+        real(path, overwrite, folder)
+        if state["closing"]:  # the other run renames its output into place right now
+            if name == "scan":
+                final.mkdir()
+                (final / "scan_rec.log").write_text("the other run")
+            else:
+                final.write_text("the other run")
+
+    monkeypatch.setattr(writer, "_check_target", check)
+    w = create_volume_writer(final, (2, 16, 16), np.uint8, (80.0, 80.0, 80.0))
+    w.write(np.full((2, 16, 16), 2, np.uint8))
+    state["closing"] = True
+    with pytest.raises(UserError, match="appeared while this run was writing it") as e:
+        w.close()
+    assert e.value.path == str(final)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    kept = final / "scan_rec.log" if name == "scan" else final
+    assert kept.read_text() == "the other run"

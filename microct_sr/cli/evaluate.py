@@ -139,11 +139,11 @@ def command(paths, hr, srs, lr, bicubic, metrics, crop_border, slices, perceptua
     results = evaluate_files(hr_path, methods, opts, lr_path=lr, weights_dir=iqa_weights,
                              check_inputs=_refuse_over_volumes(outputs))
     if csv_path:
-        report.write_csv(csv_path, results)
+        report.write_csv(csv_path, results, replace=overwrite)
     if table_path:
-        report.write_text(table_path, report.format_table(results))
+        report.write_text(table_path, report.format_table(results), replace=overwrite)
     if plot_path:
-        report.plot(plot_path, results)
+        report.plot(plot_path, results, replace=overwrite)
     if as_json:
         if comparison:
             emit_json([{"label": r.label, **r.summary} for r in results])

@@ -63,12 +63,12 @@ def format_report(results: Sequence[Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` atomically."""
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+def write_text(path: str | Path, text: str, replace: bool = True) -> Path:
+    """Write ``text`` atomically (``replace=False``: never over an existing file)."""
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), replace)
 
 
-def write_csv(path: str | Path, results: Sequence[Any]) -> Path:
+def write_csv(path: str | Path, results: Sequence[Any], replace: bool = True) -> Path:
     """Per-slice CSV of every method (NIQE/Ma/PI: mean of the crops on that slice, if any)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -76,7 +76,7 @@ def write_csv(path: str | Path, results: Sequence[Any]) -> Path:
     for r in results:
         for row in r.rows:
             w.writerow({k: _csv_value(row.get(k)) for k in CSV_COLUMNS})
-    return write_text(path, buf.getvalue())
+    return write_text(path, buf.getvalue(), replace)
 
 
 def _csv_value(v: Any) -> Any:
@@ -85,7 +85,7 @@ def _csv_value(v: Any) -> Any:
     return "" if v is None else v
 
 
-def plot(path: str | Path, results: Sequence[Any]) -> Path:
+def plot(path: str | Path, results: Sequence[Any], replace: bool = True) -> Path:
     """PSNR-PI plane (PSNR-NIQE when Ma is unavailable; Figure 6) and per-slice box plots of
     PSNR and SSIM (Figure 5), one figure, saved atomically (format from the suffix)."""
     import matplotlib
@@ -119,6 +119,6 @@ def plot(path: str | Path, results: Sequence[Any]) -> Path:
     fig.tight_layout()
     suffix = Path(path).suffix.lstrip(".") or "png"
     try:
-        return atomic_write(path, lambda p: fig.savefig(p, dpi=120, format=suffix))
+        return atomic_write(path, lambda p: fig.savefig(p, dpi=120, format=suffix), replace)
     finally:
         plt.close(fig)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import deferred_signals, raise_exit, remove_dead_runs
+from ..atomic import deferred_signals, publish, raise_exit, remove_dead_runs
 from ..errors import UserError
 from .base import IMAGE_SUFFIXES, TMP_PREFIX, Spacing, to_dtype
 
@@ -132,7 +132,7 @@ class VolumeWriter:
         try:
             self._finish()
             _check_target(self.path, self.overwrite, folder=self.kind == "nrecon")
-            _move_into_place(self.tmp, self.path)
+            _move_into_place(self.tmp, self.path, self.overwrite)
         except BaseException:
             self.abort()
             raise
@@ -240,16 +240,18 @@ def _remove_stale(final: Path) -> None:
         _remove_stale(final.parent.parent / own.group(2))
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
+def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
     """Rename ``tmp`` to ``final``; an existing folder is swapped out first, then removed.
+    Without ``overwrite`` nothing is replaced, not even an output a concurrent run finished
+    after :func:`_check_target` (:func:`~microct_sr.atomic.publish`).
 
     The folder swap is two renames: it runs with SIGINT/SIGTERM held (an interrupt between
     them would leave nothing under the final name and the old output under a temporary name
     that the next run deletes), puts the old folder back if the second rename fails, and
     swaps again when a concurrent run renamed its own folder into place in between (the run
     that finishes last wins, as with files, instead of failing with 'Directory not empty')."""
-    if not tmp.is_dir():
-        os.replace(tmp, final)
+    if not overwrite or not tmp.is_dir():
+        publish(tmp, final, replace=overwrite)
         return
     old = final.parent / f"{TMP_PREFIX}old-{os.getpid()}-{final.name}"
     done = False

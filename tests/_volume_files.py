@@ -3,6 +3,7 @@ with one header line changed."""
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,11 @@ def dicom_series(folder: Path, slices: list[np.ndarray], dz_mm: float = 0.05) ->
         w.KeepOriginalImageUIDOn()
         files.append(folder / f"slice{i:03d}.dcm")
         w.SetFileName(str(files[-1]))
+        ctype = locale.setlocale(locale.LC_CTYPE)
         w.Execute(img)
+        # GDCM's writer leaves LC_CTYPE at "C": later open() calls without an encoding in
+        # the same test process would decode UTF-8 files (the evaluate table's "±") as ASCII
+        locale.setlocale(locale.LC_CTYPE, ctype)
     return files
 
 

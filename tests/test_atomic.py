@@ -367,3 +367,63 @@ def test_volume_output_finished_by_another_run_meanwhile_is_kept(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == [name]
     kept = final / "scan_rec.log" if name == "scan" else final
     assert kept.read_text() == "the other run"
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL at one step of the merge: nothing after it runs (no handler sees
+    SIGKILL; the merge has no cleanup of its own to skip)."""
+
+
+def test_pair_merge_killed_at_any_step_leaves_a_readable_folder(tmp_path, monkeypatch):
+    """SIGKILL half-way through `pair --overwrite`'s merge left pairs.csv listing patch files
+    already deleted (train refused the folder). Now each step keeps the index true: killed
+    at every one of its file operations in turn, pairs.csv lists only existing patches, and
+    the next `pair --overwrite` of the scan leaves exactly its new patches, no orphans."""
+    import pathlib
+
+    import microct_sr.pairing.output as output
+
+    real_replace, real_unlink = os.replace, pathlib.Path.unlink
+    step = {"n": 0, "kill_at": None}
+
+    def counted(real):
+        def op(*a, **k):
+            step["n"] += 1
+            if step["n"] == step["kill_at"]:
+                raise _Killed
+            return real(*a, **k)
+        return op
+
+    k, completed = 0, False
+    while not completed:
+        k += 1
+        case = tmp_path / f"k{k}"
+        out = case / "pairs"
+        out.mkdir(parents=True)
+        output._commit(out, case / "t1", "m1", _fake_scan(case / "t1", "m1", 6, b"old"),
+                       {"scan_id": "m1"}, overwrite=False)
+        output._commit(out, case / "t2", "m2", _fake_scan(case / "t2", "m2", 3, b"m2"),
+                       {"scan_id": "m2"}, overwrite=False)
+        new_rows = _fake_scan(case / "t3", "m1", 4, b"new")
+        step.update(n=0, kill_at=k)
+        monkeypatch.setattr(os, "replace", counted(real_replace))
+        monkeypatch.setattr(pathlib.Path, "unlink", counted(real_unlink))
+        try:
+            output._commit(out, case / "t3", "m1", new_rows, {"scan_id": "m1"},
+                           overwrite=True)
+            completed = True
+        except _Killed:
+            pass
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+            monkeypatch.setattr(pathlib.Path, "unlink", real_unlink)
+        assert _listed_but_missing(out) == [], f"killed at step {k}"
+        # the rerun a user makes after the kill
+        output._commit(out, case / "t4", "m1", _fake_scan(case / "t4", "m1", 4, b"again"),
+                       {"scan_id": "m1"}, overwrite=True)
+        assert _listed_but_missing(out) == []
+        for sub in ("lr", "hr"):
+            names = sorted(p.name for p in (out / sub).iterdir())
+            assert names == [f"m1_{i:05d}.tif" for i in range(4)] + \
+                [f"m2_{i:05d}.tif" for i in range(3)], f"killed at step {k}"
+    assert k > 20  # every delete and move of the merge was a kill point

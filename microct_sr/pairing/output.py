@@ -66,19 +66,29 @@ def _commit(out_dir: Path, tmp: Path, scan_id: str, rows: list[dict], reg: dict,
 
 def _merge(out_dir: Path, tmp: Path, scan_id: str, rows: list[dict], reg: dict,
            overwrite: bool) -> None:
-    """:func:`_commit`'s work, with the lock held."""
+    """:func:`_commit`'s work, with the lock held.
+
+    Ordered so that ``pairs.csv`` lists only patch files that exist after every step, also
+    when the process is killed outright (SIGKILL, power loss), which no signal handler sees:
+    the scan's old rows leave the index before its old patches go, and its new rows enter it
+    after the new patches are in. Patch files of this scan that no row lists (what such a
+    killed merge left) are removed with the old ones."""
     old_rows, old_regs = _read_index(out_dir)
     if not overwrite and scan_exists(out_dir, scan_id):
         raise UserError(f"scan id {scan_id!r} is already in {out_dir}; use --overwrite to "
                         "replace it or choose another --scan-id", out_dir)
+    keep = [r for r in old_rows if r.get("scan_id") != scan_id]
+    if len(keep) < len(old_rows):
+        _atomic_text(out_dir / "pairs.csv", _csv_text(keep))
+    own = re.compile(rf"^{re.escape(scan_id)}_\d{{5}}\.tif$")
     for sub in ("lr", "hr"):
         (out_dir / sub).mkdir(exist_ok=True)
-        for r in old_rows:
-            if r.get("scan_id") == scan_id:
-                (out_dir / sub / f"{r['patch_id']}.tif").unlink(missing_ok=True)
+        listed = {f"{r['patch_id']}.tif" for r in old_rows if r.get("scan_id") == scan_id}
+        for p in (out_dir / sub).iterdir():
+            if p.name in listed or own.match(p.name):
+                p.unlink(missing_ok=True)
         for p in sorted((tmp / sub).iterdir()):
             os.replace(p, out_dir / sub / p.name)
-    keep = [r for r in old_rows if r.get("scan_id") != scan_id]
     _atomic_text(out_dir / "pairs.csv", _csv_text(keep + rows))
     regs = [g for g in old_regs if g.get("scan_id") != scan_id] + [reg]
     _atomic_text(out_dir / "registration.json", json.dumps(regs, indent=2) + "\n")

@@ -156,8 +156,12 @@ def test_comparison_form_with_bicubic_table_plot_csv(run_cli, data, tmp_path):
     assert good > bad and good > bic
     assert out[0]["morphometry"]["bv_tv"]["hr"] == out[2]["morphometry"]["bv_tv"]["hr"]
     assert any("align_corners=False" in n for n in out[2]["notes"])
-    lines = table.read_text().splitlines()
-    assert lines[0].startswith("| Method") and len(lines) == 5
+    lines = table.read_text(encoding="utf-8").splitlines()
+    # NIQE/Ma/PI were not asked for: their columns (n/a in every row) are named, not shown
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["Method", "Scale", "PSNR (dB)", "SSIM", "BV/TV err", "Tb.Th err"]
+    assert len(lines) == 7 and lines[-1] == "Not computed: NIQE, Ma, PI."
+    assert "n/a" not in "".join(lines[2:5])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list(csv.DictReader(sheet.open()))) == 12
     r = run_cli("evaluate", "--hr", f["hr"], "--sr", f"Good={f['good']}", "--metrics", "psnr",
@@ -269,7 +273,7 @@ def test_pipe_in_a_label_is_escaped_in_the_markdown_table(run_cli, data, tmp_pat
     out = run_json(run_cli, "--hr", f["hr"], "--sr", f"R2RCAN|GAN={f['good']}", "--sr",
                    f"Bad={f['bad']}", "--metrics", "psnr", "--table", table)
     assert out[0]["label"] == "R2RCAN|GAN"  # JSON keeps the label as given
-    lines = table.read_text().splitlines()
+    lines = table.read_text(encoding="utf-8").splitlines()[:4]
     assert lines[2].startswith(r"| R2RCAN\|GAN ")
     cells = [len(re.split(r"(?<!\\)\|", line)) for line in lines]
     assert len(set(cells)) == 1  # every row has the header's column count
@@ -403,3 +407,18 @@ def test_scores_of_unaligned_grids_come_with_a_warning(run_cli, data, tmp_path):
     assert f"other scores {gap:.1f} dB below bicubic" in r.stderr
     assert "simulated with motion (rotation 4.5 deg" in r.stderr
     assert any("below bicubic" in n for n in res[0]["notes"])
+
+
+def test_table_keeps_a_column_any_method_has_and_names_the_rest():
+    from types import SimpleNamespace
+
+    from microct_sr.metrics.report import format_table
+
+    stat = {"mean": 20.0, "std": 1.0}
+    results = [SimpleNamespace(label="A", summary={"psnr": stat, "niqe": stat}),
+               SimpleNamespace(label="B", summary={"psnr": stat})]
+    lines = format_table(results).splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == \
+        ["Method", "Scale", "PSNR (dB)", "NIQE"]
+    assert lines[3].split("|")[4].strip() == "n/a"  # B has no NIQE; A has, so it is shown
+    assert lines[-1] == "Not computed: SSIM, Ma, PI, BV/TV err, Tb.Th err."

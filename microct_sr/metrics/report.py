@@ -43,11 +43,19 @@ def table_row(label: str, summary: dict[str, Any], scale: str = "x8") -> list[st
 
 
 def format_table(results: Sequence[Any]) -> str:
-    """A Markdown table, one row per :class:`~microct_sr.metrics.EvalResult`."""
-    rows = [list(TABLE_HEADER)] + [table_row(r.label, r.summary) for r in results]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_HEADER))]
+    """A Markdown table, one row per :class:`~microct_sr.metrics.EvalResult`. A metric column
+    that is n/a for every method (not asked for, or not computable here) is left out and
+    named in a line below the table."""
+    rows = [table_row(r.label, r.summary) for r in results]
+    shown = [i for i in range(len(TABLE_HEADER))
+             if i < 2 or any(row[i] != "n/a" for row in rows)]
+    rows = [[TABLE_HEADER[i] for i in shown]] + [[row[i] for i in shown] for row in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(shown))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    left_out = [h for i, h in enumerate(TABLE_HEADER) if i not in shown]
+    if left_out:
+        lines += ["", f"Not computed: {', '.join(left_out)}."]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from unittest.mock import ANY
 
 import cv2
 import numpy as np
@@ -210,7 +211,8 @@ def test_bad_input_exit_2_one_line_naming_file(tmp_path, run_cli, case):
     r = run_cli("info", path, "--json")
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.exit_code == 2, r.stderr
-    assert r.stdout == ""
+    assert json.loads(r.stdout) == {"error": errors[0][len("error: "):], "exit_code": 2,
+                                    "path": ANY}
     assert "Traceback" not in r.stderr
     assert len(errors) == 1, r.stderr
     assert name in errors[0] and problem in errors[0], errors[0]
@@ -279,5 +281,5 @@ def test_empty_path_exits_2_instead_of_reading_the_current_folder(tmp_path, run_
         tifffile.imwrite(tmp_path / f"img{i}.tif", np.zeros((4, 4), np.uint8))
     monkeypatch.chdir(tmp_path)
     r = run_cli("info", "", "--json")
-    assert r.exit_code == 2 and r.stdout == "", r.stdout
+    assert r.exit_code == 2 and json.loads(r.stdout)["path"] is None, r.stdout
     assert r.stderr == "error: PATH is an empty path; give a scan file or folder\n"

@@ -3,12 +3,13 @@
 An NRecon reconstruction folder holds slices ``<prefix><8 digits>.<bmp|tif|png|jpg>`` (the
 prefix from ``[File name convention] Filename Prefix``, usually ending in ``rec``, e.g.
 ``sample__rec00000020.bmp``) beside ``<prefix>.log`` (``sample__rec.log``). Numbering starts at
-``[Reconstruction] First Section``; ``*_spr.*`` files are previews and are skipped.
+``[Reconstruction] First Section``; ``*_spr.*`` files are previews and dot-files (macOS ``._*``
+companions) are not NRecon's: both are skipped.
 
 The voxel size is ``[Reconstruction] Pixel Size (um)``. ``[Acquisition] Image Pixel Size (um)``
 is the *projection* pixel and differs from it when ``Undersampling factor`` > 1.
-Logs are read as latin-1 (real ones carry non-UTF-8 Windows paths); unknown sections and keys
-are kept and ignored.
+Logs are read as latin-1 (real ones carry non-UTF-8 Windows paths; UTF-8/UTF-16 only with a
+byte-order mark); unknown sections and keys are kept and ignored.
 """
 
 from __future__ import annotations
@@ -30,14 +31,34 @@ OWN_SECTION = "microct-sr"
 Sections = dict[str, dict[str, str]]
 
 
+def is_hidden(name: str) -> bool:
+    """Dot-files: macOS ``._*`` AppleDouble companions and ``.DS_Store`` (copies from a Mac
+    carry one ``._x`` per file, binary, with the same suffix), our own temporaries."""
+    return name.startswith(".")
+
+
+def _decode(data: bytes) -> str:
+    """Log text: latin-1, unless a byte-order mark says the log was re-saved by an editor as
+    UTF-8 or UTF-16 (Notepad's "Unicode")."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16", errors="replace")
+    if data[:3] == b"\xef\xbb\xbf":
+        try:
+            return data[3:].decode("utf-8")
+        except UnicodeDecodeError:
+            return data[3:].decode("latin-1")
+    return data.decode("latin-1")
+
+
 def parse_log(path: Path) -> Sections:
-    """Parse an NRecon-style ``key=value`` log into ``{section: {key: value}}`` (latin-1).
+    """Parse an NRecon-style ``key=value`` log into ``{section: {key: value}}`` (latin-1, or
+    UTF-8/UTF-16 with a byte-order mark).
 
     Lines outside any section go to section ``""``; repeated keys keep the last value.
     Raises :class:`UserError` when the file cannot be read or holds no section at all.
     """
     try:
-        text = Path(path).read_bytes().decode("latin-1")
+        text = _decode(Path(path).read_bytes())
     except OSError as e:
         raise UserError(f"cannot read the NRecon log ({e.strerror or e})", path) from None
     if "\x00" in text:
@@ -81,6 +102,7 @@ class NReconLog:
     projection_pixel_um: float | None = None    # [Acquisition] Image Pixel Size (um)
     undersampling: int = 1
     first_section: int | None = None
+    last_section: int | None = None
     section_step: int = 1
     prefix: str | None = None                   # [File name convention] Filename Prefix
     index_length: int = INDEX_LENGTH
@@ -93,7 +115,10 @@ def read_log(path: Path) -> NReconLog:
     path = Path(path)
     s = parse_log(path)
     if "Reconstruction" not in s and OWN_SECTION not in s:
-        raise UserError("not an NRecon reconstruction log (no [Reconstruction] section)", path)
+        what = "an acquisition log of projections" if "Acquisition" in s else \
+            "not an NRecon reconstruction log"
+        raise UserError(f"{what} (no [Reconstruction] section); open the folder of "
+                        "reconstructed slices NRecon wrote (usually <scan>_Rec)", path)
     info = NReconLog(path=path, sections=s)
     info.pixel_size_um = _number(s, "Reconstruction", "Pixel Size (um)", path)
     info.projection_pixel_um = _number(s, "Acquisition", "Image Pixel Size (um)", path)
@@ -101,6 +126,8 @@ def read_log(path: Path) -> NReconLog:
     info.undersampling = int(under) if under and under >= 1 else 1
     first = _number(s, "Reconstruction", "First Section", path)
     info.first_section = None if first is None else int(first)
+    last = _number(s, "Reconstruction", "Last Section", path)
+    info.last_section = None if last is None else int(last)
     step = _number(s, "Reconstruction", "Section to Section Step", path)
     info.section_step = int(step) if step and step >= 1 else 1
     conv = s.get("File name convention", {})
@@ -126,20 +153,42 @@ def _spacing(info: NReconLog, path: Path) -> tuple[float, float, float] | None:
     return (px * info.section_step, px, px)
 
 
+def _logs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".log"
+                  and not is_hidden(p.name) and p.is_file())
+
+
 def find_log(folder: Path) -> Path | None:
     """The reconstruction log of an NRecon folder: ``*rec.log`` first, else any ``*.log``
     with a ``[Reconstruction]`` section. None when there is none."""
-    logs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".log" and p.is_file())
+    logs = _logs(folder)
     rec = [p for p in logs if p.stem.lower().endswith("rec")]
     if rec:
+        if len(rec) > 1:
+            log.warning("%s: %d reconstruction logs (%s); reading %s", folder, len(rec),
+                        ", ".join(p.name for p in rec), rec[0].name)
         return rec[0]
     for p in logs:
         try:
-            head = p.read_bytes()[:200_000].decode("latin-1")
+            head = _decode(p.read_bytes()[:200_000])
         except OSError:
             continue
         if "[Reconstruction]" in head:
             return p
+    return None
+
+
+def find_acquisition_log(folder: Path) -> tuple[Path, str] | None:
+    """``(log, projection prefix)`` of a scanner acquisition log in ``folder`` (an
+    ``[Acquisition] Filename Prefix`` and no ``[Reconstruction]``), else None."""
+    for p in _logs(folder):
+        try:
+            s = parse_log(p)
+        except UserError:
+            continue
+        prefix = s.get("Acquisition", {}).get("Filename Prefix")
+        if prefix and "Reconstruction" not in s:
+            return p, prefix
     return None
 
 
@@ -158,9 +207,12 @@ def find_slices(folder: Path, info: NReconLog) -> list[tuple[int, Path]]:
     """``(section index, path)`` of the slices named after the log's prefix, sorted.
 
     Tries the prefix as written, then with ``rec`` appended, then the log's stem (``x_rec.log``
-    -> ``x_rec``). Empty when none match.
+    -> ``x_rec``). Empty when none match. Slices in several formats (BMP and a TIFF
+    conversion side by side): those of the log's ``Result File Type``, else the commonest.
     """
     names = [p.name for p in folder.iterdir() if not is_preview(p.name)]
+    wanted = _EXT_OF_TYPE.get(info.sections.get("Reconstruction", {})
+                              .get("Result File Type", "").strip().upper())
     candidates = []
     if info.prefix:
         candidates += [info.prefix, info.prefix + "rec"]
@@ -169,12 +221,27 @@ def find_slices(folder: Path, info: NReconLog) -> list[tuple[int, Path]]:
         pat = slice_pattern(prefix, info.index_length)
         found = [(int(m.group(1)), folder / n) for n in names if (m := pat.match(n))]
         if found:
-            exts = {p.suffix.lower() for _, p in found}
-            if len(exts) > 1:  # e.g. bmp and png exports side by side: take the commonest
-                best = max(exts, key=lambda e: sum(p.suffix.lower() == e for _, p in found))
-                found = [(i, p) for i, p in found if p.suffix.lower() == best]
+            exts = sorted({_ext(p) for _, p in found})
+            if len(exts) > 1:
+                count = {e: sum(_ext(p) == e for _, p in found) for e in exts}
+                best = wanted if wanted in exts else max(exts, key=lambda e: count[e])
+                log.warning("%s: slices in several formats (%s); reading the %s slices%s",
+                            folder, ", ".join(f"{count[e]} {e}" for e in exts), best,
+                            " (the log's Result File Type)" if best == wanted else "")
+                found = [(i, p) for i, p in found if _ext(p) == best]
             return sorted(found)
     return []
+
+
+# Result File Type in the log -> slice suffix; .tiff/.jpeg count as .tif/.jpg.
+_EXT_OF_TYPE = {"BMP": ".bmp", "TIF": ".tif", "TIFF": ".tif", "PNG": ".png", "JPG": ".jpg",
+                "JPEG": ".jpg"}
+_EXT_ALIAS = {".tiff": ".tif", ".jpeg": ".jpg"}
+
+
+def _ext(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return _EXT_ALIAS.get(suffix, suffix)
 
 
 def section_step(spacing_um: tuple[float, float, float] | None) -> int:

@@ -299,3 +299,109 @@ def test_upscale_of_an_nrecon_scan_keeps_its_scanner_and_settings(tmp_path, run_
     with open_volume(out) as v:
         assert v.shape == (3, 48, 40)
         assert v.spacing_um == pytest.approx((9.919978, 9.919978 / 8, 9.919978 / 8))
+
+
+def _acquisition_log() -> bytes:
+    """The scanner's acquisition log of the fixture scan: no [Reconstruction] section."""
+    return NRECON_17_LOG.split("[Reconstruction]")[0].replace("\n", "\r\n").encode("latin-1")
+
+
+def test_macos_and_windows_companion_files_are_ignored(tmp_path):
+    """A folder copied through a Mac carries a binary ``._name`` beside every file (the log
+    too) and ``.DS_Store``; one from Windows ``Thumbs.db`` and ``desktop.ini``."""
+    folder = tmp_path / "rec"
+    vol = make_nrecon_folder(folder, n=4)
+    for p in list(folder.iterdir()):
+        (folder / f"._{p.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"
+                                             + bytes(4000))
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(100))
+    (folder / "desktop.ini").write_bytes(b"[.ShellClassInfo]\r\nIconResource=x\r\n")
+    assert nrecon.find_log(folder) == folder / "tibia_4__rec.log"
+    v = open_volume(folder)
+    assert v.format == "nrecon" and v.spacing_um == pytest.approx((9.919978,) * 3)
+    np.testing.assert_array_equal(v.read(0, 4), vol)
+
+
+@pytest.mark.parametrize("ftype,dtype", [("BMP", np.uint8), ("TIF", np.uint16)])
+def test_slices_in_two_formats_follow_the_logs_result_file_type(tmp_path, caplog, ftype,
+                                                                dtype):
+    """BMP slices and a 16-bit TIFF copy of each side by side: the log's Result File Type
+    decides, the same on every run (it used to depend on Python's string hashing)."""
+    folder = tmp_path / "rec"
+    vol8 = make_nrecon_folder(folder, n=3)
+    vol16 = (vol8.astype(np.uint16) * 257)
+    for i, s in enumerate(vol16):
+        tifffile.imwrite(folder / f"tibia_4__rec{20 + i:08d}.tif", s)
+    p = folder / "tibia_4__rec.log"
+    p.write_bytes(p.read_bytes().replace(b"Result File Type=BMP", f"Result File Type={ftype}"
+                                         .encode()))
+    with caplog.at_level(logging.WARNING):
+        v = open_volume(folder)
+    assert v.dtype == dtype and "several formats" in caplog.text
+    np.testing.assert_array_equal(v.read(0, 3), vol8 if dtype == np.uint8 else vol16)
+
+
+def test_projection_folder_is_refused_naming_the_reconstruction(tmp_path, run_cli):
+    """The scan folder holds the projections (``tibia_4_00000000.tif``...) and the acquisition
+    log, with NRecon's output in ``tibia_4_Rec``: reading the projections as slices would
+    upscale radiographs. The error names the reconstruction folder instead."""
+    scan = tmp_path / "tibia_4"
+    scan.mkdir()
+    (scan / "tibia_4_.log").write_bytes(_acquisition_log())
+    for i in range(5):
+        tifffile.imwrite(scan / f"tibia_4_{i:08d}.tif", np.full((20, 30), 1000 + i, np.uint16))
+    with pytest.raises(UserError, match=r"tibia_4: .*projection.*tibia_4_\.log.*open the "
+                                        r"folder NRecon wrote"):
+        open_volume(scan)
+    make_nrecon_folder(scan / "tibia_4_Rec", n=3)
+    r = run_cli("info", scan)
+    assert r.exit_code == 2 and "projection" in r.stderr and "open tibia_4_Rec" in r.stderr
+    with pytest.raises(UserError, match=r"tibia_4_\.log: an acquisition log"):
+        open_volume(scan / "tibia_4_.log")
+    # NRecon told to write into the scan folder itself: the reconstruction is read
+    make_nrecon_folder(scan, n=3)
+    assert open_volume(scan).format == "nrecon"
+
+
+def test_scan_folder_above_the_reconstruction_names_it(tmp_path):
+    make_nrecon_folder(tmp_path / "tibia_4" / "tibia_4_Rec", n=3)
+    (tmp_path / "tibia_4" / "notes.txt").write_text("rat 4\n")
+    with pytest.raises(UserError, match=r"no recognisable slices.*in tibia_4_Rec"):
+        open_volume(tmp_path / "tibia_4")
+
+
+@pytest.mark.parametrize("bom,codec", [(b"\xef\xbb\xbf", "utf-8"), (b"", "utf-16")])
+def test_log_resaved_by_an_editor_as_unicode(tmp_path, bom, codec):
+    """A log opened and saved again in Notepad as UTF-8 (with BOM) or "Unicode" (UTF-16)."""
+    folder = tmp_path / "rec"
+    make_nrecon_folder(folder, n=3)
+    p = folder / "tibia_4__rec.log"
+    p.write_bytes(bom + p.read_bytes().decode("latin-1").encode(codec))
+    s = nrecon.parse_log(p)
+    assert s["System"]["Scanner"] == "Skyscan1272"
+    assert s["Acquisition"]["Data directory"] == "D:\\Results\\Müller\\tibia_4"
+    v = open_volume(folder)
+    assert v.spacing_um == pytest.approx((9.919978,) * 3) and len(v) == 3
+
+
+def test_missing_last_slices_warn(tmp_path, caplog):
+    """A copy from the scanner PC stopped early: the numbering has no gap, but the log's Last
+    Section says slices are missing."""
+    folder = tmp_path / "rec"
+    make_nrecon_folder(folder, n=6, first=20)
+    for i in (24, 25):
+        (folder / f"tibia_4__rec{i:08d}.bmp").unlink()
+    with caplog.at_level(logging.WARNING):
+        v = open_volume(folder)
+    assert len(v) == 4 and "Last Section=25" in caplog.text and "00000023" in caplog.text
+
+
+def test_several_reconstruction_logs_warn(tmp_path, caplog):
+    folder = tmp_path / "rec"
+    make_nrecon_folder(folder, n=3)
+    (folder / "tibia_4__rec.log").rename(folder / "a__rec.log")
+    make_nrecon_folder(folder, n=3)
+    with caplog.at_level(logging.WARNING):
+        assert nrecon.find_log(folder) == folder / "a__rec.log"
+    assert "2 reconstruction logs" in caplog.text

@@ -218,6 +218,18 @@ def test_dicom_series_folder(tmp_path):
     np.testing.assert_array_equal(v.read(0, 4), a)
 
 
+def test_macos_appledouble_files_beside_a_dicom_series_are_ignored(tmp_path):
+    """A DICOM folder copied through a Mac carries a binary ``._slice000.dcm`` per slice;
+    they were taken for truncated slices ("belongs to no series") and the folder refused."""
+    a = _vol(np.int16, shape=(3, 8, 9)) // 4
+    for f in dicom_series(tmp_path, list(a)):
+        (tmp_path / f"._{f.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00" + bytes(200))
+    (tmp_path / ".DS_Store").write_bytes(bytes(64))
+    v = open_volume(tmp_path)
+    assert v.shape == (3, 8, 9) and v.metadata["files"] == 3
+    np.testing.assert_array_equal(v.read(0, 3), a)
+
+
 @pytest.mark.parametrize("tag", [None, "0.08"])
 def test_single_dicom_file_z_spacing_only_from_its_header(tmp_path, tag):
     """GDCM gives a lone slice without Spacing Between Slices (0018,0088) a made-up 1 mm z;
@@ -686,3 +698,17 @@ def test_voxel_size_beyond_tiff_rationals_still_writes(tmp_path, caplog, name):
         np.testing.assert_array_equal(v.read(0, 2), a)
         assert v.spacing_um is None
     assert name in caplog.text
+
+
+def test_macos_appledouble_files_beside_numbered_slices_are_ignored(tmp_path):
+    """A slice folder copied through a Mac: one binary ``._img000.png`` per slice, an equally
+    long series that used to win the tie and fail as 'not a PNG file'."""
+    a = _vol(np.uint8, shape=(3, 6, 7))
+    for i, s in enumerate(a):
+        cv2.imwrite(str(tmp_path / f"img{i:03d}.png"), s)
+        (tmp_path / f"._img{i:03d}.png").write_bytes(b"\x00\x05\x16\x07" + bytes(4000))
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    v = open_volume(tmp_path)
+    assert v.format == "slices" and [f.name for f in v.files] == ["img000.png", "img001.png",
+                                                                   "img002.png"]
+    np.testing.assert_array_equal(v.read(0, 3), a)

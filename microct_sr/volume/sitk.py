@@ -204,8 +204,9 @@ def _dicom_files(folder: Path) -> list[Path]:
     it: a slice is never dropped silently."""
     import SimpleITK as sitk
 
-    candidates = [p for p in folder.iterdir() if p.is_file() and
-                  (p.suffix.lower() in (".dcm", ".ima", "") or _is_dicom(p))]
+    # dot-files (macOS ``._x.dcm`` companions, .DS_Store) are no slices: GDCM skips them
+    candidates = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and (p.suffix.lower() in (".dcm", ".ima", "") or _is_dicom(p))]
     if not candidates:
         return []
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))

@@ -193,11 +193,12 @@ _NUMBERED = re.compile(r"^(.*?)(\d+)$")
 
 def numbered_slices(folder: Path) -> list[tuple[int, Path]]:
     """The largest group of ``<stem><number>.<ext>`` image files in ``folder`` (natural order).
-    ``*_spr.*`` previews are skipped."""
+    ``*_spr.*`` previews and dot-files (macOS ``._*`` companions, our temporaries) are
+    skipped."""
     groups: dict[tuple[str, str], list[tuple[int, Path]]] = {}
     for p in folder.iterdir():
         if p.suffix.lower() not in IMAGE_SUFFIXES or nrecon.is_preview(p.name) or \
-                p.name.startswith(TMP_PREFIX) or not p.is_file():
+                nrecon.is_hidden(p.name) or not p.is_file():
             continue
         m = _NUMBERED.match(p.stem)
         if m:
@@ -222,11 +223,16 @@ def _open_nrecon(folder: Path, log_path: Path) -> Volume:
                             f"'{info.prefix or log_path.stem}{'#' * info.index_length}"
                             ".bmp/tif/png'", folder)
         log.warning("%s: no slices named after the log's prefix %r; reading the numbered "
-                    "series %s... instead", folder, info.prefix, indexed[0][1].name)
+                    "series %s... instead", folder, info.prefix or log_path.stem,
+                    indexed[0][1].name)
     _check_numbering(indexed, 1 if _steps_are_unit(indexed) else info.section_step)
     if info.first_section is not None and indexed[0][0] != info.first_section:
         log.warning("%s: first slice %s is number %d but the log says First Section=%d",
                     folder, indexed[0][1].name, indexed[0][0], info.first_section)
+    if info.last_section is not None and indexed[-1][0] != info.last_section:
+        log.warning("%s: last slice %s is number %d but the log says Last Section=%d "
+                    "(an incomplete copy?)", folder, indexed[-1][1].name, indexed[-1][0],
+                    info.last_section)
     for note in info.notes:
         log.warning("%s: %s", log_path, note)
     if info.spacing_um is None:
@@ -253,6 +259,35 @@ def _steps_are_unit(indexed: list[tuple[int, Path]]) -> bool:
     return len(indexed) < 2 or indexed[1][0] - indexed[0][0] == 1
 
 
+def _rec_subfolders(folder: Path) -> str:
+    """Subfolders holding a reconstruction log (the scan folder above NRecon's
+    ``<scan>_Rec``), joined for a message ("" when none)."""
+    subs = []
+    for d in sorted(folder.iterdir()):
+        try:
+            if d.is_dir() and not nrecon.is_hidden(d.name) and nrecon.find_log(d) is not None:
+                subs.append(d.name)
+        except OSError:  # an unreadable subfolder only loses the hint
+            continue
+    return " or ".join(subs)
+
+
+def _refuse_projections(folder: Path, indexed: list[tuple[int, Path]]) -> None:
+    """UserError when the numbered series is the scanner's projections: named after the
+    ``Filename Prefix`` of an acquisition log beside them (the scan folder, not NRecon's
+    reconstruction), which would otherwise be read as a volume of slices."""
+    acq = nrecon.find_acquisition_log(folder)
+    if acq is None:
+        return
+    stem, prefix = indexed[0][1].stem.lower(), acq[1].lower()
+    if stem.startswith(prefix) and stem[len(prefix):].isdigit():
+        subs = _rec_subfolders(folder)
+        where = f"open {subs}" if subs else "open the folder NRecon wrote (with a *_rec.log)"
+        raise UserError(f"holds the scanner's projection images ({indexed[0][1].name}..., "
+                        f"acquisition log {acq[0].name}), not reconstructed slices; {where}",
+                        folder)
+
+
 def _open_folder(folder: Path) -> Volume:
     entries = [p for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)]
     if not entries:
@@ -262,14 +297,17 @@ def _open_folder(folder: Path) -> Volume:
         return _open_nrecon(folder, log_path)
     indexed = numbered_slices(folder)
     if indexed:
+        _refuse_projections(folder, indexed)
         _check_numbering(indexed)
         return SliceFolderVolume(folder, [p for _, p in indexed], "slices", None, "unknown",
                                  {"first_index": indexed[0][0]})
     dicom = _dicom_files(folder)
     if dicom:
         return DicomSeriesVolume(folder, dicom)
+    subs = _rec_subfolders(folder)
     raise UserError("no recognisable slices (expected an NRecon folder, numbered "
-                    "TIFF/PNG/BMP slices or a DICOM series)", folder)
+                    "TIFF/PNG/BMP slices or a DICOM series)"
+                    + (f"; the NRecon reconstruction is in {subs}" if subs else ""), folder)
 
 
 # --------------------------------------------------------------------------------------------

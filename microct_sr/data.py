@@ -124,12 +124,14 @@ def lr_pixel_range(pairs: Sequence[Pair], scan_ids: Sequence[str]) -> list[float
 
 
 def patch_dtype(pairs: Sequence[Pair]) -> str:
-    """The dtype of the patches: read from the LR and HR patch of the first pair of each pair
-    folder (not every patch); UserError naming two files when they differ (8- and 16-bit data
-    pooled would need two intensity windows)."""
-    first: dict[Path, Pair] = {}
+    """The dtype of the patches: read from the LR and HR patch of the first pair of each scan
+    in each pair folder (not every patch); UserError naming two files when they differ (8- and
+    16-bit data pooled would need two intensity windows)."""
+    # per scan, not per folder: `pair` adds scans of any dtype to one folder, and a scan
+    # left out of the window estimate (a val scan) would otherwise be scaled silently wrong
+    first: dict[tuple[Path, str], Pair] = {}
     for p in pairs:
-        first.setdefault(p.folder, p)
+        first.setdefault((p.folder, p.scan_id), p)
     found = _DtypeCheck()
     for p in first.values():
         for path in (p.lr_path, p.hr_path):

@@ -79,6 +79,8 @@ def resolve_window(intensity: dict, window: tuple[float, float] | None,
     training window, rescaled to the input's integer range when its dtype differs."""
     if window is not None:
         lo, hi = float(window[0]), float(window[1])
+        if not hi > lo:
+            raise UserError(f"--window {lo:g} {hi:g}: the window is empty (LO must be below HI)")
     else:
         lo, hi = (float(v) for v in intensity["window"])
         trained, given = np.dtype(intensity["dtype"]), np.dtype(dtype)

@@ -234,7 +234,7 @@ def train(config: TrainConfig, given: Collection[str] | None = None) -> dict:
     dinfo = _init_distributed(cfg)
     try:
         _limit_cpu_threads(cfg)
-        summary = _Trainer(cfg, dinfo, resume_ckpt).run()
+        summary = _Trainer(cfg, dinfo, resume_ckpt, given).run()
         if dinfo.owns_group:  # leave together: rank 0 still writes model.pt, and a gloo peer
             dist.barrier()    # torn down under it has aborted a rank at exit (rare, seen once)
         return summary
@@ -477,8 +477,9 @@ class _NonFiniteLossError(RuntimeError):
 class _Trainer:
     """Holds the models, optimisers and data of one run; :meth:`run` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, dinfo: _Dist, resume_ckpt: dict | None = None):
-        self.cfg, self.d = cfg, dinfo
+    def __init__(self, cfg: TrainConfig, dinfo: _Dist, resume_ckpt: dict | None = None,
+                 given: Collection[str] | None = None):
+        self.cfg, self.d, self.given = cfg, dinfo, given
         self.run_dir = Path(cfg.out)
         self.device = _pick_device(cfg.device, dinfo.local_rank)
         _set_determinism(cfg, self.device)
@@ -517,7 +518,7 @@ class _Trainer:
     def _setup_data(self, resume_ckpt: dict | None) -> None:
         cfg = self.cfg
         pairs = read_pairs(cfg.data)
-        dtype = patch_dtype(pairs)  # one patch per folder: mixed 8/16-bit data is refused
+        dtype = patch_dtype(pairs)  # one patch per scan: mixed 8/16-bit data is refused
         if resume_ckpt is not None and dtype != resume_ckpt["intensity"]["dtype"]:
             raise UserError(f"the patches are {dtype}, the run trained on "
                             f"{resume_ckpt['intensity']['dtype']}", cfg.data[0])
@@ -569,8 +570,10 @@ class _Trainer:
                 "model", resume_ckpt["state_dict"]))
         elif init_ckpt is not None:
             self.model_config = ModelConfig.from_dict(init_ckpt["config"])
-            if self.model_config.arch != cfg.arch or cfg.model_overrides:
-                log.info("--init: using the network of %s (%s)", cfg.init, self.model_config.arch)
+            ignored = self._ignored_by_init()
+            if ignored:
+                log.warning("--init %s: training its network (%s); ignored: %s", cfg.init,
+                            self.model_config.arch, "; ".join(ignored))
             self.model = self.init_model.train()
         else:
             try:
@@ -600,6 +603,15 @@ class _Trainer:
             self.sched_d = torch.optim.lr_scheduler.StepLR(self.opt_d, cfg.lr_step,
                                                            cfg.lr_gamma)
         self._setup_amp()
+
+    def _ignored_by_init(self) -> list[str]:
+        """``--option X (the file's: Y)`` for each given network option (--arch, --n-feats
+        ...) that differs from the --init file's network, which is trained as it is."""
+        cfg, net = self.cfg, self.model_config.to_dict()
+        asked = {**({"arch": cfg.arch} if self.given is None or "arch" in self.given else {}),
+                 **cfg.model_overrides}
+        return [f"--{k.replace('_', '-')} {_shown(v)} (the file's: {_shown(net.get(k))})"
+                for k, v in asked.items() if net.get(k) != v]
 
     def _setup_amp(self) -> None:
         """Autocast on CUDA (bf16 where supported, else fp16 with a GradScaler); float32

@@ -186,6 +186,19 @@ def test_mixed_patch_dtypes_are_refused_naming_both_files(tmp_path, folders):
         estimate_window(PatchDataset([mixed], None))
 
 
+def test_mixed_dtypes_in_one_pair_folder_are_refused_before_any_work(tmp_path, folders):
+    """`pair` adds an 8-bit scan to a folder of 16-bit ones without complaint; the check reads
+    every scan's first patch, so a val scan of the other dtype (which the window estimate on the
+    train scans never reads) is refused, not scaled by the wrong window."""
+    mixed = make_16_bit_copy(folders[0], tmp_path / "mixed")  # rat1..rat3, uint16
+    for sub in ("lr", "hr"):  # rat3 back to uint8, as if paired from an 8-bit export
+        for p in (folders[0] / sub).glob("rat3_*.tif"):
+            shutil.copy(p, mixed / sub / p.name)
+    with pytest.raises(UserError, match="mixed patch dtypes") as e:
+        patch_dtype(read_pairs([mixed]))
+    assert "rat3_00000.tif is uint8" in str(e.value)
+
+
 def test_a_folder_given_twice_counts_once(folders, caplog):
     """The same folder twice, or with the parent that holds it, is pooled once."""
     a, b = folders

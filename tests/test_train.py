@@ -417,6 +417,25 @@ def test_cli_errors(pairs, tmp_path, run_cli, monkeypatch):
     assert r.exit_code == 2 and "--init" in r.stderr
 
 
+def test_cli_init_warns_naming_the_network_options_it_ignores(pairs, tmp_path, run_cli):
+    """--init trains the file's network: an --arch or model option given on the command line
+    that differs from it is named in a warning (it used to be an INFO line that named neither);
+    options equal to the file's, and an --arch left at its default, are not."""
+    train(_cfg(pairs, tmp_path / "init", arch="srcnn", iters=1))
+    args = ["train", "--stage", "psnr", "--data", pairs[0], "--preset", "tiny", "--iters", "1",
+            "--batch-size", "2", "--workers", "0", "--quiet", "--init",
+            tmp_path / "init" / "model.pt"]
+    r = run_cli(*args, "--out", tmp_path / "a", "--arch", "rcan", "--n-feats", "8",
+                "--n-rcabs", "20")  # the file's value (unused by srcnn)
+    assert r.exit_code == 0, r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if "ignored" in ln)
+    assert line.startswith("WARNING") and "--arch rcan (the file's: srcnn)" in line
+    assert "--n-feats 8 (the file's: 16)" in line and "--n-rcabs" not in line
+    assert load_checkpoint(tmp_path / "a" / "model.pt")["config"]["arch"] == "srcnn"
+    r = run_cli(*args, "--out", tmp_path / "b")  # the default --arch r2rcan was not asked for
+    assert r.exit_code == 0 and "ignored" not in r.stderr, r.stderr
+
+
 def test_cli_resume_with_another_ema_is_refused(pairs, tmp_path, run_cli):
     args = ["train", "--stage", "psnr", "--data", pairs[0], "--arch", "srcnn", "--preset", "tiny",
             "--batch-size", "2", "--workers", "0", "--quiet", "--out"]

@@ -192,6 +192,19 @@ def test_bad_input_exit_2(run_cli, files, tmp_path, monkeypatch):
     assert not (tmp_path / "o.tif").exists()
 
 
+def test_empty_window_names_the_option_and_writes_nothing(run_cli, files, tmp_path):
+    """--window HI LO (swapped): exit 2, one line naming --window and both values, and no
+    output or temporary file left in the output's folder."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    r = run_cli("upscale", files["scan"], out_dir / "sr.tif", "--model", files["model"],
+                "--window", "9795", "1657")
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: --window 9795 1657: the window is empty (LO must be below HI)"]
+    assert list(out_dir.iterdir()) == []
+
+
 @pytest.mark.parametrize("device, message", [("foo", "expected auto, cpu, cuda or cuda:N"),
                                              ("cuda:x", "expected auto")])
 def test_bad_device_exit_2_before_any_work(run_cli, files, tmp_path, device, message):

@@ -649,3 +649,38 @@ def test_patch_folders_of_killed_runs_are_removed_live_ones_kept(run_cli, phanto
     assert not dead.exists() and live.exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".microct-sr-tmp-pair-")
                 and p != live]  # the run's own folder is gone too
+
+
+def test_scan_of_another_dtype_is_refused_by_a_shared_pair_folder(run_cli, tmp_path):
+    """`pair` put 8- and 16-bit scans into one folder without a word (train then needed two
+    intensity windows). A scan whose dtype differs from the folder's patches is refused before
+    any work, naming the scan; re-pairing the folder's only scan is still allowed."""
+    import csv
+
+    from microct_sr.phantom import make_phantom
+    from microct_sr.volume import open_volume
+
+    hr, _ = make_phantom((16, 128, 128), seed=3)
+    hr8 = _write_tif(tmp_path / "hr8.tif", hr, 10.0)
+    hr16 = _write_tif(tmp_path / "hr16.tif", hr.astype(np.uint16) * 200, 10.0)
+    lr8 = tmp_path / "lr8"
+    assert run_cli("simulate", hr8, lr8, "--seed", "1", "--quiet").exit_code == 0
+    with open_volume(lr8) as v:
+        lr16 = _write_tif(tmp_path / "lr16.tif", v.read(0, len(v)).astype(np.uint16) * 200,
+                          80.0)
+    motion = lr8 / "simulation.json"
+    out = tmp_path / "pairs"
+    args = ["--lr-patch", "4", "--min-ncc", "-1", "--motion-from", motion, "--quiet"]
+    r = run_cli("pair", lr8, hr8, out, "--scan-id", "rat1", *args)
+    assert r.exit_code == 0, r.stderr
+    before = sorted(p.name for p in (out / "lr").iterdir())
+    r = run_cli("pair", lr8, hr16, out, "--scan-id", "rat2", *args)
+    assert r.exit_code == 2 and "hr16.tif: is uint16" in r.stderr and "uint8" in r.stderr, \
+        r.stderr
+    r = run_cli("pair", lr16, hr16, out, "--scan-id", "rat2", *args)
+    assert r.exit_code == 2 and "lr16.tif: is uint16" in r.stderr, r.stderr
+    assert sorted(p.name for p in (out / "lr").iterdir()) == before
+    with open(out / "pairs.csv", newline="") as fh:
+        assert {row["scan_id"] for row in csv.DictReader(fh)} == {"rat1"}
+    r = run_cli("pair", lr8, hr8, out, "--scan-id", "rat1", "--overwrite", *args)
+    assert r.exit_code == 0, r.stderr

@@ -72,7 +72,7 @@ from .geometry import (
 )
 from .images import _cv2, area_down, cubic_up, ncc, stretch_u8
 from .keypoints import Features, detect, match
-from .output import CSV_COLUMNS, SCAN_ID_RE, _commit, scan_exists
+from .output import CSV_COLUMNS, SCAN_ID_RE, _commit, check_same_dtype, scan_exists
 from .patches import Patch, hr_crop, iter_patches, slice_patches
 from .registration import (
     Registration,
@@ -186,6 +186,8 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
         raise UserError(f"scan id {scan_id!r} is already in {out_dir}; use --overwrite to "
                         "replace its patches or choose another --scan-id", out_dir)
     check_inputs(lr, hr, opts)
+    check_same_dtype(out_dir, scan_id, lr.dtype, hr.dtype, getattr(lr, "path", "LR"),
+                     getattr(hr, "path", "HR"))
     if known_motion is None:
         _cv2()
         reg = register(lr, hr, opts, scan_id)

@@ -46,6 +46,31 @@ def scan_exists(out_dir: Path, scan_id: str) -> bool:
             or (out_dir / "lr" / f"{scan_id}_00000.tif").exists())
 
 
+def check_same_dtype(out_dir: Path, scan_id: str, lr_dtype: object, hr_dtype: object,
+                     lr_path: str | Path, hr_path: str | Path) -> None:
+    """UserError when OUT_DIR already holds another scan's patches of another dtype than
+    ``lr_dtype``/``hr_dtype`` (LR patches keep the LR scan's dtype, HR ones the HR's): ``train``
+    needs one dtype (one intensity window), so the mix is refused before any work."""
+    import numpy as np
+    import tifffile
+
+    rows, _ = _read_index(Path(out_dir)) if Path(out_dir).is_dir() else ([], [])
+    other = next((r for r in rows if r.get("scan_id") != scan_id), None)
+    if other is None:
+        return
+    for sub, dtype, scan in (("lr", lr_dtype, lr_path), ("hr", hr_dtype, hr_path)):
+        patch = Path(out_dir) / sub / f"{other['patch_id']}.tif"
+        try:
+            with tifffile.TiffFile(patch) as tif:
+                have = np.dtype(tif.pages[0].dtype)
+        except (OSError, ValueError, tifffile.TiffFileError):
+            continue  # train reports unreadable patches itself
+        if have != np.dtype(dtype):
+            raise UserError(f"is {np.dtype(dtype)}, but the {sub.upper()} patches already in "
+                            f"{out_dir} are {have} ({patch.name}); train needs one dtype: "
+                            "pair it into another folder or convert the scan", scan)
+
+
 def _atomic_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 

@@ -230,6 +230,7 @@ def train(config: TrainConfig, given: Collection[str] | None = None) -> dict:
         finished = _finished_summary(cfg, resume_ckpt)
         if finished is not None:
             return finished
+    _check_world(cfg)
     threads = torch.get_num_threads()
     dinfo = _init_distributed(cfg)
     try:
@@ -399,6 +400,17 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     return dev
+
+
+def _check_world(cfg: TrainConfig) -> None:
+    """UserError, before any process group or file, unless the global batch divides among
+    torchrun's WORLD_SIZE processes (each rank raises it: all exit 2, none waits for another)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.batch_size % world:
+        source = "the run's " if cfg.resume else ""
+        raise UserError(f"--batch-size {cfg.batch_size} ({source}global batch) is not divisible "
+                        f"by the {world} torchrun processes: each takes batch / {world}; give "
+                        f"a multiple of {world} or another --nproc_per_node")
 
 
 def _init_distributed(cfg: TrainConfig) -> _Dist:
@@ -640,6 +652,7 @@ class _Trainer:
     def _train_state(self, iteration: int) -> dict:
         s = {"iteration": iteration, "stage": self.cfg.stage, "split": self.split,
              "train_config": dataclasses.asdict(self.cfg), "best": dict(self.best),
+             "processes": self.d.world,
              "optimizer_g": self.opt_g.state_dict(), "scheduler_g": self.sched_g.state_dict(),
              "scaler": self.scaler.state_dict(), "rng": _rng_state()}
         if self.disc is not None:
@@ -666,6 +679,12 @@ class _Trainer:
             self.ema.updates = int(s["ema"]["updates"])
         _set_rng_state(s["rng"])
         self.start, self.best = int(s["iteration"]), dict(s["best"])
+        was = s.get("processes")  # absent in checkpoints of older versions
+        if self.disc is not None and was is not None and was != self.d.world and self.d.main:
+            log.warning("--resume: this gan-stage run trained on %d process(es), now %d: the "
+                        "relativistic loss takes its batch means over each process's batch / "
+                        "N patches, so it continues with another objective than its own; "
+                        "resume on %d to keep it", was, self.d.world, was)
 
     def _provenance(self, iteration: int) -> dict:
         return {"stage": self.cfg.stage, "iterations": iteration, "data": self.cfg.data,
@@ -752,7 +771,17 @@ class _Trainer:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)  # the unwrapped module: equal on every DDP rank
-        return {k: float(v.detach()) for k, v in out.items()}
+        return self._mean_over_ranks(out)
+
+    def _mean_over_ranks(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The losses as floats, averaged over the DDP processes (each has batch / N), so
+        the CSV logs the whole batch's loss, not rank 0's share."""
+        names = sorted(losses)  # the same keys on every rank
+        values = torch.stack([losses[k].detach().float() for k in names])
+        if self.d.world > 1:
+            dist.all_reduce(values)
+            values /= self.d.world
+        return dict(zip(names, values.tolist()))
 
     # -- validation
     @torch.no_grad()

@@ -101,6 +101,22 @@ def test_resume_of_a_checkpoint_that_does_not_fit_is_a_clear_error(pairs, tmp_pa
                    init=str(tmp_path / "init" / "model.pt"), test_only_random_vgg=True))
 
 
+def test_gan_resume_on_another_process_count_warns(pairs, tmp_path, caplog):
+    """The relativistic loss's batch means are per process, so a gan run resumed under
+    another number of torchrun processes changes objective: said, not silent."""
+    train(_cfg(pairs, tmp_path / "init", arch="srcnn", iters=1))
+    run, init = tmp_path / "gan", str(tmp_path / "init" / "model.pt")
+    train(_cfg(pairs, run, stage="gan", iters=1, init=init, w_percep=0.0))
+    path = run / "checkpoints" / "iter_00000001.pt"
+    assert load_checkpoint(path)["train_state"]["processes"] == 1
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["train_state"]["processes"] = 2  # as if written under torchrun --nproc_per_node 2
+    torch.save(ckpt, path)
+    with caplog.at_level(logging.WARNING, logger="microct_sr.train"):
+        train(_cfg(pairs, run, stage="gan", iters=2, resume=True, init=init, w_percep=0.0))
+    assert "trained on 2 process(es), now 1" in caplog.text
+
+
 def _kill_at(monkeypatch, n_calls: int) -> None:
     """Make the n-th optimisation step raise, as a killed process would stop."""
     real = train_mod._Trainer._step
@@ -627,20 +643,28 @@ def test_cli_lr_step_and_gray_augment_reach_the_run(pairs, tmp_path, run_cli):
     assert r.exit_code != 0 and "lr_step must be at least 1" in r.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("ema", [0.0, 0.5])
-def test_torchrun_two_gloo_processes_match_one(pairs, tmp_path, ema):
+def _torchrun(nproc: int, *args: str | Path) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N microct-sr train ARGS`` on the CPU (gloo,
+    one thread per process); skips when the console script is not installed."""
     exe = shutil.which("microct-sr")
     if exe is None:
         pytest.skip("the microct-sr console script is not on PATH (package not installed)")
-    common = ["--stage", "psnr", "--data", pairs[0], "--data", pairs[1], "--arch", "rcan",
-              "--preset", "tiny", "--iters", "3", "--batch-size", "4", "--workers", "0",
-              "--device", "cpu", "--ema", str(ema), "--json", "--quiet"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29531 + int(ema * 10)), "--no-python", exe, "train", "--out",
-           str(tmp_path / "ddp"), *common]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), "--no-python", exe, "train", *(str(a) for a in args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+_DDP_ARGS = ("--stage", "psnr", "--arch", "rcan", "--preset", "tiny", "--workers", "0",
+             "--device", "cpu", "--quiet")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_torchrun_two_gloo_processes_match_one(pairs, tmp_path, ema):
+    p = _torchrun(2, "--out", tmp_path / "ddp", "--data", pairs[0], "--data", pairs[1],
+                  *_DDP_ARGS, "--iters", "3", "--batch-size", "4", "--val-every", "1",
+                  "--ema", str(ema), "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout)  # exactly one JSON document: only rank 0 reports
     assert summary["processes"] == 2
@@ -650,11 +674,39 @@ def test_torchrun_two_gloo_processes_match_one(pairs, tmp_path, ema):
     b = load_checkpoint(tmp_path / "single" / "model.pt")
     for k in a["state_dict"]:  # per-process batch 2 x 2 processes = one process with batch 4
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-4, atol=1e-6)
+    # the CSV logs the loss of the whole batch (averaged over the processes), not rank 0's half
+    rows_a, rows_b = _log(tmp_path / "ddp"), _log(tmp_path / "single")
+    assert [r["iteration"] for r in rows_a] == [r["iteration"] for r in rows_b] == ["1", "2", "3"]
+    for ra, rb in zip(rows_a, rows_b):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-4)
     if ema:  # the average of the unwrapped module, kept alike on both ranks, is what rank 0 wrote
         assert a["provenance"]["weights"] == "ema" and a["provenance"]["ema_updates"] == 3
         raw = load_checkpoint(sorted((tmp_path / "ddp" / "checkpoints").glob("*.pt"))[-1])
         assert any(not torch.equal(raw["train_state"]["model"][k], a["state_dict"][k])
                    for k in a["state_dict"])
+
+
+@pytest.mark.slow
+def test_torchrun_batch_that_does_not_divide_is_refused_and_resume_takes_another_nproc(
+        pairs, tmp_path):
+    """A global batch the processes cannot share is refused by every rank before any file is
+    written; a run resumed under another process count continues as one process would."""
+    data = ("--data", pairs[0], "--data", pairs[1])
+    p = _torchrun(2, "--out", tmp_path / "odd", *data, *_DDP_ARGS, "--iters", "2",
+                  "--batch-size", "3")
+    assert p.returncode != 0 and "exitcode  : 2" in p.stderr, p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert errors and all("--batch-size 3 (global batch) is not divisible by the 2 torchrun "
+                          "processes" in ln for ln in errors), p.stderr[-3000:]
+    assert not (tmp_path / "odd").exists()
+    train(_cfg(pairs, tmp_path / "run", arch="rcan", iters=2, batch_size=3, device="cpu"))
+    p = _torchrun(3, "--out", tmp_path / "run", *data, *_DDP_ARGS, "--iters", "4", "--resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    train(_cfg(pairs, tmp_path / "straight", arch="rcan", iters=4, batch_size=3, device="cpu"))
+    a = load_checkpoint(tmp_path / "run" / "model.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "straight" / "model.pt")["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

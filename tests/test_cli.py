@@ -3,6 +3,7 @@ types and output guard of cli/_common.py."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -226,3 +227,20 @@ def test_crash_and_signal_with_json_print_an_error_document(run_cli, tiny_tif, m
     monkeypatch.setattr(volume, "describe", terminated)
     r = run_cli("info", str(tiny_tif), "--json")
     assert r.exit_code == 143 and json.loads(r.stdout)["exit_code"] == 143
+
+
+def test_torchrun_ranks_other_than_0_print_no_json_and_log_warnings_only(run_cli, tmp_path,
+                                                                        monkeypatch):
+    """Under torchrun every process runs the CLI: a failed `train --json` printed N error
+    documents on the shared stdout, and every INFO line N times."""
+    import logging
+
+    levels = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: levels.append(kw["level"]))
+    monkeypatch.setenv("RANK", "1")
+    r = run_cli("info", str(tmp_path / "missing"), "--json")
+    assert r.exit_code == 2 and r.stdout == "" and "missing" in r.stderr
+    monkeypatch.setenv("RANK", "0")
+    r = run_cli("info", str(tmp_path / "missing"), "--json")
+    assert r.exit_code == 2 and json.loads(r.stdout)["exit_code"] == 2
+    assert levels == [logging.WARNING, logging.INFO]

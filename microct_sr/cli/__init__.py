@@ -46,7 +46,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """8x super-resolution of bone micro-CT (R2-RCANGAN)."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+    # torchrun's other processes log warnings and errors only: their INFO lines repeat rank 0's
+    quiet_rank = os.environ.get("RANK", "0") != "0" and not debug
+    logging.basicConfig(level=logging.DEBUG if debug else
+                        logging.WARNING if quiet_rank else logging.INFO,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
 
 
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: list[str], debug: bool) -> None:
     """Run the group on ``args`` and exit with the status the conventions give."""
-    fail = _Failure("--json" in args)
+    # under torchrun only rank 0 prints the JSON document, as for a run that works
+    fail = _Failure("--json" in args and os.environ.get("RANK", "0") == "0")
     try:
         cli.main(args=args, prog_name="microct-sr", standalone_mode=False)
     except click.exceptions.Exit as e:

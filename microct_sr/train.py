@@ -240,6 +240,7 @@ def train(config: TrainConfig, given: Collection[str] | None = None) -> dict:
             dist.barrier()    # torn down under it has aborted a rank at exit (rare, seen once)
         return summary
     finally:
+        _release_run_dir(Path(cfg.out))
         torch.set_num_threads(threads)
         if dinfo.owns_group:
             dist.destroy_process_group()
@@ -252,6 +253,38 @@ def _check_out_dir(run_dir: Path) -> None:
             if not p.is_dir():
                 raise UserError(f"is a file, so --out {run_dir} cannot be a run folder", p)
             return
+
+
+def _lock_run_dir(run_dir: Path, resume: bool) -> None:
+    """Hold RUN_DIR for this run (an exclusive lock, released when the process ends, also
+    when it is killed; :func:`train` releases it): a second ``train`` into the same folder,
+    started before the first wrote a checkpoint, would otherwise mix both runs' checkpoints
+    and logs. Checks again, under the lock, that no other run finished there meanwhile."""
+    import fcntl
+
+    fh = open(run_dir / ".microct-sr-train.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise UserError("another `microct-sr train` is writing this run folder; wait for it "
+                        "to finish (then --resume continues it) or choose another --out",
+                        run_dir) from None
+    if not resume and (_checkpoints(run_dir) or (run_dir / MODEL_FILE).exists()):
+        fh.close()
+        raise UserError("already holds a training run (written by another run while this "
+                        "one started); pass --resume to continue it or choose another --out",
+                        run_dir)
+    _held_locks[run_dir] = fh
+
+
+_held_locks: dict[Path, object] = {}  # RUN_DIR -> its open, locked lock file
+
+
+def _release_run_dir(run_dir: Path) -> None:
+    fh = _held_locks.pop(run_dir, None)
+    if fh is not None:
+        fh.close()
 
 
 def _resume_checkpoint(cfg: TrainConfig) -> dict | None:
@@ -568,6 +601,7 @@ class _Trainer:
                  window)
         if self.d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            _lock_run_dir(self.run_dir, self.cfg.resume)
             save_split(self.split, self.run_dir / SPLIT_FILE)
 
     # -- models

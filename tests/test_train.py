@@ -604,6 +604,27 @@ def test_out_under_a_file_is_refused_before_any_work(pairs, tmp_path, run_cli):
     assert r.exit_code == 2 and f"{afile}: is a file" in r.stderr
 
 
+def test_a_second_run_into_a_folder_another_run_is_writing_is_refused(pairs, tmp_path,
+                                                                    run_cli):
+    """Two `train --out RUN` started together both passed the 'no checkpoint yet' check and
+    wrote their checkpoints and logs into one folder. The folder is locked for a run's life
+    (here held as a running train holds it); the lock goes with the run."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    args = ["train", "--stage", "psnr", "--data", pairs[0], "--out", run, "--preset", "tiny",
+            "--iters", "1", "--batch-size", "2", "--workers", "0", "--quiet"]
+    with open(run / ".microct-sr-train.lock", "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run_cli(*args)
+    assert r.exit_code == 2 and "another `microct-sr train` is writing" in r.stderr, r.stderr
+    assert not (run / "model.pt").exists() and not (run / "checkpoints").exists()
+    assert run_cli(*args).exit_code == 0  # the other run is gone: this one runs
+    r = run_cli(*args[:-1], "--resume", "--iters", "2", "--quiet")  # and a resume after it
+    assert r.exit_code == 0, r.stderr
+
+
 def test_cli_runs_and_refuses_to_clobber(pairs, tmp_path, run_cli):
     args = ["train", "--stage", "psnr", "--data", pairs[0], "--data", pairs[1], "--out",
             tmp_path / "run", "--arch", "edsr", "--preset", "tiny", "--n-feats", "8",

@@ -34,6 +34,7 @@ PERCEPTUAL = frozenset({"niqe", "ma", "pi"})
 HR_SLICE_MODES = ("middle", "mean")
 BICUBIC_LABEL = "Bicubic"  # the row of --bicubic
 MORPH_MAX_VOXELS = 16_000_000  # morphometry on a central window beyond this (time, memory)
+OTSU_MAX_SAMPLES = 4_000_000  # HR voxels kept for the Otsu histogram of non-integer-binned dtypes
 
 
 class VolumeLike(Protocol):
@@ -269,6 +270,20 @@ def _hr_slice(hr: VolumeLike, grid: Grid, k: int, mode: str) -> np.ndarray:
     return a[0] if a.shape[0] == 1 else a.astype(np.float64).mean(axis=0)
 
 
+def otsu_sample(a: np.ndarray, n_slices: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 voxels of HR slice ``a`` for the Otsu histogram: every 2nd pixel in-plane (a
+    quarter is plenty), or a seeded random sample of pixels when the quarters of ``n_slices``
+    slices would exceed :data:`OTSU_MAX_SAMPLES` (random, not strided: no aliasing with a
+    periodic structure)."""
+    quarter = a[::2, ::2]
+    per_slice = max(1, OTSU_MAX_SAMPLES // max(1, n_slices))
+    if quarter.size <= per_slice:
+        return quarter.astype(np.float32).ravel()
+    ys = rng.integers(0, a.shape[0], per_slice)
+    xs = rng.integers(0, a.shape[1], per_slice)
+    return a[ys, xs].astype(np.float32)
+
+
 def reference_stats(hr: VolumeLike, grid: Grid, opts: EvalOptions) -> Reference:
     """One pass over the matched HR slices: intensity window and (for morph) Otsu threshold."""
     from ..progress import progress
@@ -279,14 +294,15 @@ def reference_stats(hr: VolumeLike, grid: Grid, opts: EvalOptions) -> Reference:
     lo, hi = math.inf, -math.inf
     counts = np.zeros(1 << 16 if dtype.itemsize <= 2 and dtype.kind == "u" else 0, np.int64)
     floats = []
+    rng = np.random.default_rng(0)
     for k in progress(range(k0, k1), desc="HR statistics", quiet=opts.quiet, unit="slice"):
         a = _hr_slice(hr, grid, k, opts.hr_slice)
         lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
         if "morph" in opts.metrics:
             if counts.size:
                 counts += np.bincount(np.rint(a).astype(np.int64).ravel(), minlength=counts.size)
-            else:
-                floats.append(a[::2, ::2].astype(np.float32).ravel())  # a quarter is plenty
+            else:  # a subsample whose total stays within OTSU_MAX_SAMPLES
+                floats.append(otsu_sample(a, k1 - k0, rng))
     try:
         window = fidelity.intensity_window(dtype, lo, hi)
     except ValueError as e:
@@ -357,7 +373,8 @@ def evaluate_volume(sr: VolumeLike, hr: VolumeLike, opts: EvalOptions, *, label:
     if scorer is not None:
         notes.extend(scorer.notes)
     summary["morphometry"] = (_morphometry(scan.sr_bone, scan.hr_bone, hr, grid, reference,
-                                           opts, notes) if scan.sr_bone is not None else None)
+                                           opts, notes, label)
+                              if scan.sr_bone is not None else None)
     summary["notes"] = notes
     return EvalResult(label, summary, scan.rows, values)
 
@@ -523,8 +540,8 @@ def morph_voi(n: int, height: int, width: int) -> tuple[int, int, int, int]:
 
 
 def _morphometry(sr_bone: np.ndarray, hr_bone: np.ndarray, hr: VolumeLike, grid: Grid,
-                 reference: Reference, opts: EvalOptions,
-                 notes: list[str]) -> dict[str, Any] | None:
+                 reference: Reference, opts: EvalOptions, notes: list[str],
+                 label: str = "SR") -> dict[str, Any] | None:
     from . import morphometry as morph
 
     spacing = opts.spacing_um or hr.spacing_um
@@ -543,8 +560,10 @@ def _morphometry(sr_bone: np.ndarray, hr_bone: np.ndarray, hr: VolumeLike, grid:
                      f"every compared slice (at most {MORPH_MAX_VOXELS:,} voxels: local "
                      "thickness time and memory grow with the volume)")
     if reference.hr_morphometry is None:
-        reference.hr_morphometry = morph.morphometry(hr_bone, sp)
-    return morph.compare(morph.morphometry(sr_bone, sp), reference.hr_morphometry)
+        reference.hr_morphometry = morph.morphometry(hr_bone, sp, desc="morphometry HR",
+                                                     quiet=opts.quiet)
+    return morph.compare(morph.morphometry(sr_bone, sp, desc=f"morphometry {label}",
+                                           quiet=opts.quiet), reference.hr_morphometry)
 
 
 def evaluate_files(hr_path: str | Path, methods: list[tuple[str, str | Path]], opts: EvalOptions,

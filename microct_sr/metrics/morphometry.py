@@ -77,9 +77,13 @@ def surface_distance(mask: np.ndarray, spacing: tuple[float, float, float]) -> n
     return np.where(mask, np.sqrt(d_box + rho * rho), 0.0)
 
 
-def local_thickness(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+def local_thickness(mask: np.ndarray, spacing: tuple[float, float, float], *,
+                    desc: str = "local thickness", quiet: bool = True) -> np.ndarray:
     """Local thickness (diameter of the largest inscribed sphere containing each voxel), physical
-    units; ``0`` outside ``mask``. Swept over at most :data:`MAX_LEVELS` radius levels."""
+    units; ``0`` outside ``mask``. Swept over at most :data:`MAX_LEVELS` radius levels (one
+    distance transform each: minutes at 16 M voxels), with a progress bar unless ``quiet``."""
+    from ..progress import progress
+
     mask = np.asarray(mask, dtype=bool)
     thick = np.zeros(mask.shape, dtype=np.float64)
     if not mask.any():
@@ -96,7 +100,7 @@ def local_thickness(mask: np.ndarray, spacing: tuple[float, float, float]) -> np
     levels[-1] = min(levels[-1], r_max)
     # every voxel is at least its own sphere's centre
     thick[mask] = 2 * radius[mask]
-    for r in levels:
+    for r in progress(levels, desc=desc, quiet=quiet, unit="level"):
         centres = radius >= r * (1 - 1e-9)
         if not centres.any():
             break
@@ -106,14 +110,18 @@ def local_thickness(mask: np.ndarray, spacing: tuple[float, float, float]) -> np
     return thick
 
 
-def morphometry(bone: np.ndarray, spacing_um: tuple[float, float, float]) -> dict[str, float]:
-    """BV/TV, Tb.Th (um), Tb.Sp (um), Tb.N (1/mm) of a binary volume (``True`` = bone)."""
+def morphometry(bone: np.ndarray, spacing_um: tuple[float, float, float], *,
+                desc: str = "morphometry", quiet: bool = True) -> dict[str, float]:
+    """BV/TV, Tb.Th (um), Tb.Sp (um), Tb.N (1/mm) of a binary volume (``True`` = bone); a
+    progress bar per phase (``desc``) unless ``quiet``."""
     bone = np.asarray(bone, dtype=bool)
     if bone.ndim != 3 or bone.size == 0:
         raise ValueError(f"need a non-empty 3D binary volume, got shape {bone.shape}")
     bv_tv = float(bone.mean())
-    tb_th = _mean_or_nan(local_thickness(bone, spacing_um), bone)
-    tb_sp = _mean_or_nan(local_thickness(~bone, spacing_um), ~bone)
+    tb_th = _mean_or_nan(local_thickness(bone, spacing_um, desc=f"{desc}: Tb.Th",
+                                         quiet=quiet), bone)
+    tb_sp = _mean_or_nan(local_thickness(~bone, spacing_um, desc=f"{desc}: Tb.Sp",
+                                         quiet=quiet), ~bone)
     tb_n = bv_tv / (tb_th / 1000.0) if tb_th > 0 and np.isfinite(tb_th) else float("nan")
     return {"bv_tv": bv_tv, "tb_th_um": tb_th, "tb_sp_um": tb_sp, "tb_n_per_mm": tb_n}
 

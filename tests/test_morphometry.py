@@ -84,3 +84,17 @@ def test_degenerate_volumes():
     assert m["bv_tv"] == 0 and np.isnan(m["tb_th_um"])
     with pytest.raises(ValueError):
         morph.morphometry(np.zeros((0, 4, 4), bool), (10, 10, 10))
+
+
+def test_local_thickness_is_the_same_on_any_number_of_threads():
+    """The radius levels' distance transforms run in parallel threads (scipy releases the
+    GIL): the sweep's maximum must not depend on how the levels are spread over threads."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    blob = ndimage.gaussian_filter(rng.random((10, 48, 48)), (0.5, 3, 3)) > 0.5
+    sp = (80.0, 10.0, 10.0)
+    one = morph.local_thickness(blob, sp, threads=1)
+    assert one[blob].min() > 0 and len(np.unique(one[blob])) > 5
+    for n in (2, 3, 7):
+        np.testing.assert_array_equal(morph.local_thickness(blob, sp, threads=n), one)

@@ -226,7 +226,67 @@ def test_crash_and_signal_with_json_print_an_error_document(run_cli, tiny_tif, m
 
     monkeypatch.setattr(volume, "describe", terminated)
     r = run_cli("info", str(tiny_tif), "--json")
-    assert r.exit_code == 143 and json.loads(r.stdout)["exit_code"] == 143
+    assert r.exit_code == 143
+    assert json.loads(r.stdout) == {"error": "stopped by signal 15", "exit_code": 143,
+                                    "path": None}
+
+
+@pytest.mark.parametrize("exc, code, error", [
+    (KeyboardInterrupt(), 130, "Aborted."),              # Ctrl-C (click makes it an Abort)
+    (click.exceptions.Abort(), 130, "Aborted."),
+    (SystemExit("disk full"), 1, "disk full"),           # sys.exit("message")
+])
+def test_interrupt_abort_and_exit_with_a_message_keep_their_status_with_json(
+        run_cli, tiny_tif, monkeypatch, exc, code, error):
+    """Each way a command can stop keeps its exit status (130 for Ctrl-C, as a shell reports
+    it) and, with --json, gives one error document naming it."""
+    import microct_sr.volume as volume
+
+    def stop(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(volume, "describe", stop)
+    r = run_cli("info", str(tiny_tif), "--json")
+    assert r.exit_code == code
+    assert json.loads(r.stdout) == {"error": error, "exit_code": code, "path": None}
+    r = run_cli("info", str(tiny_tif))
+    assert r.exit_code == code and r.stdout == "" and error in r.stderr
+
+
+def test_ctrl_c_outside_a_command_exits_130_with_a_json_document(run_cli, monkeypatch):
+    """A KeyboardInterrupt that click does not turn into an Abort (raised around the
+    command, not in it) exits 130 as well, saying 'Interrupted.'."""
+    import microct_sr.cli as cli_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod.cli, "main", interrupted)
+    r = run_cli("info", "x", "--json")
+    assert r.exit_code == 130 and r.stderr.strip() == "Interrupted."
+    assert json.loads(r.stdout) == {"error": "Interrupted.", "exit_code": 130, "path": None}
+
+
+def test_a_run_that_printed_its_document_gets_no_error_document_after_it(run_cli, tiny_tif,
+                                                                         monkeypatch):
+    """stdout holds one JSON document: a command that printed its own and then failed adds
+    no error document after it (two documents are not one valid JSON text)."""
+    import microct_sr.volume as volume
+    from microct_sr.cli._common import emit_json
+
+    def report_then_fail(*a, **k):
+        emit_json({"partial": 1})
+        raise UserError("failed after its report", tiny_tif)
+
+    monkeypatch.setattr(volume, "describe", report_then_fail)
+    r = run_cli("info", str(tiny_tif), "--json")
+    assert r.exit_code == 2 and "failed after its report" in r.stderr
+    assert json.loads(r.stdout) == {"partial": 1}
+    # the count is per document: the next failed run in this process still gets its own
+    monkeypatch.setattr(volume, "describe", lambda *a, **k: (_ for _ in ()).throw(
+        UserError("bad scan", tiny_tif)))
+    r = run_cli("info", str(tiny_tif), "--json")
+    assert r.exit_code == 2 and json.loads(r.stdout)["error"].endswith("bad scan")
 
 
 def test_torchrun_ranks_other_than_0_print_no_json_and_log_warnings_only(run_cli, tmp_path,
@@ -244,3 +304,6 @@ def test_torchrun_ranks_other_than_0_print_no_json_and_log_warnings_only(run_cli
     r = run_cli("info", str(tmp_path / "missing"), "--json")
     assert r.exit_code == 2 and json.loads(r.stdout)["exit_code"] == 2
     assert levels == [logging.WARNING, logging.INFO]
+    monkeypatch.setenv("RANK", "1")  # --debug asks for every rank's debug lines
+    r = run_cli("--debug", "info", str(tmp_path / "missing"))
+    assert r.exit_code == 2 and levels[-1] == logging.DEBUG

@@ -89,8 +89,10 @@ def _run(args: list[str], debug: bool) -> None:
         fail(130, "Interrupted.", stderr="Interrupted.")
     except SystemExit as e:  # SIGTERM/SIGHUP (atomic.raise_exit) or a command's own exit
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if code:
-            fail(code, f"stopped by signal {code - 128}" if code > 128 else str(e.code))
+        if code and isinstance(e.code, int):
+            fail(code, f"stopped by signal {code - 128}" if code > 128 else str(code))
+        elif code:  # sys.exit("message"): Python would print the message itself
+            fail(code, str(e.code), stderr=str(e.code))
         raise
     except Exception as e:  # noqa: BLE001 - the last line of defence for a CLI
         if debug:

@@ -427,3 +427,53 @@ def test_pair_merge_killed_at_any_step_leaves_a_readable_folder(tmp_path, monkey
             assert names == [f"m1_{i:05d}.tif" for i in range(4)] + \
                 [f"m2_{i:05d}.tif" for i in range(3)], f"killed at step {k}"
     assert k > 20  # every delete and move of the merge was a kill point
+
+
+def test_simulate_tif_folder_another_run_made_meanwhile_is_kept(tmp_path, monkeypatch):
+    """`simulate --format tif` renames its temporary folder to LR_OUT at the end: an LR_OUT
+    another run finished in between is kept (exit 2's UserError naming it, not an OSError
+    crash or a replaced folder) and this run's temporary folder is removed."""
+    import microct_sr.simulate as simulate
+    from microct_sr.errors import UserError
+    from microct_sr.simulate import SimParams, simulate_volume
+    from microct_sr.volume import open_volume, write_volume
+
+    rng = np.random.default_rng(0)
+    write_volume(tmp_path / "hr.tif", (rng.random((16, 64, 64)) * 255).astype(np.uint8),
+                 (10.0, 10.0, 10.0))
+    out = tmp_path / "lr"
+    real = simulate.atomic_write
+
+    def write(path, *a, **k):
+        if not out.exists():  # the other run renames its LR_OUT into place right now
+            out.mkdir()
+            (out / "simulation.json").write_text("the other run")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(simulate, "atomic_write", write)
+    with open_volume(tmp_path / "hr.tif") as hr, \
+            pytest.raises(UserError, match="appeared while this run was writing it") as e:
+        simulate_volume(hr, out, SimParams(views=16, window=(0.0, 255.0)), fmt="tif",
+                        quiet=True, workers=1)
+    assert e.value.path == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hr.tif", "lr"]
+    assert [p.name for p in out.iterdir()] == ["simulation.json"]
+    assert (out / "simulation.json").read_text() == "the other run"
+
+
+def test_pair_merge_of_a_scan_keeps_the_patches_of_a_scan_whose_id_extends_it(tmp_path):
+    """--overwrite of scan `m1` removes its own patches (listed or left by a killed merge:
+    `m1_NNNNN.tif`), never those of scan `m1_b` (`m1_b_NNNNN.tif`) in the same folder."""
+    import microct_sr.pairing.output as output
+
+    out = tmp_path / "pairs"
+    out.mkdir()
+    for tmp, scan, n in (("t1", "m1", 3), ("t2", "m1_b", 2)):
+        output._commit(out, tmp_path / tmp, scan, _fake_scan(tmp_path / tmp, scan, n, b"x"),
+                       {"scan_id": scan}, overwrite=False)
+    output._commit(out, tmp_path / "t3", "m1", _fake_scan(tmp_path / "t3", "m1", 2, b"new"),
+                   {"scan_id": "m1"}, overwrite=True)
+    for sub in ("lr", "hr"):
+        assert sorted(p.name for p in (out / sub).iterdir()) == \
+            ["m1_00000.tif", "m1_00001.tif", "m1_b_00000.tif", "m1_b_00001.tif"]
+    assert _listed_but_missing(out) == []

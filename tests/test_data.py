@@ -199,6 +199,20 @@ def test_mixed_dtypes_in_one_pair_folder_are_refused_before_any_work(tmp_path, f
     assert "rat3_00000.tif is uint8" in str(e.value)
 
 
+def test_hr_patches_of_another_dtype_than_the_lr_ones_are_refused(tmp_path, folders):
+    """LR patches keep the LR scan's dtype and HR ones the HR scan's: one scan whose HR
+    patches alone are 16-bit (its LR ones 8-bit like every other scan's) is refused too,
+    naming its HR patch; patch_dtype reads the HR patch of each scan, not only the LR one."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folders[0], mixed)
+    for p in (mixed / "hr").glob("rat3_*.tif"):
+        tifffile.imwrite(p, tifffile.imread(p).astype(np.uint16) * 257)
+    with pytest.raises(UserError, match="mixed patch dtypes") as e:
+        patch_dtype(read_pairs([mixed]))
+    assert f"{mixed / 'hr' / 'rat3_00000.tif'} is uint16" in str(e.value)
+    assert patch_dtype(read_pairs([folders[0]])) == "uint8"
+
+
 def test_a_folder_given_twice_counts_once(folders, caplog):
     """The same folder twice, or with the parent that holds it, is pooled once."""
     a, b = folders

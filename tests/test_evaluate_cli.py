@@ -422,3 +422,47 @@ def test_table_keeps_a_column_any_method_has_and_names_the_rest():
         ["Method", "Scale", "PSNR (dB)", "NIQE"]
     assert lines[3].split("|")[4].strip() == "n/a"  # B has no NIQE; A has, so it is shown
     assert lines[-1] == "Not computed: SSIM, Ma, PI, BV/TV err, Tb.Th err."
+
+
+@pytest.mark.parametrize("option, name", [("--csv", "s.csv"), ("--table", "t.md"),
+                                          ("--plot", "p.png")])
+def test_report_another_run_finished_meanwhile_is_kept_without_overwrite(
+        run_cli, data, tmp_path, monkeypatch, option, name):
+    """Two evaluate runs writing the same report: one that appears after this run checked
+    its outputs (while the metrics ran) is kept, exit 2 naming it, unless --overwrite."""
+    import microct_sr.metrics.evaluate as evaluate
+
+    f = data[2]
+    report = tmp_path / name
+    real = evaluate.evaluate_files
+
+    def other_run_finishes_meanwhile(*a, **k):
+        results = real(*a, **k)
+        report.write_text("the other run")
+        return results
+
+    monkeypatch.setattr(evaluate, "evaluate_files", other_run_finishes_meanwhile)
+    args = ["evaluate", "--hr", f["hr"], "--sr", f"Good={f['good']}", "--metrics", "psnr",
+            "--quiet", option, report]
+    r = run_cli(*args)
+    assert r.exit_code == 2, r.stderr
+    assert f"{report}: appeared while this run was writing it" in r.stderr
+    assert report.read_text() == "the other run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    r = run_cli(*args, "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    assert report.read_bytes() != b"the other run"
+
+
+def test_table_of_every_metric_names_no_column_left_out():
+    from types import SimpleNamespace
+
+    from microct_sr.metrics.report import TABLE_HEADER, format_table
+
+    stat = {"mean": 20.0, "std": 1.0}
+    morph = {k: {"rel_error": 0.1} for k in ("bv_tv", "tb_th_um")}
+    summary = {"psnr": stat, "ssim": stat, "niqe": stat, "ma": stat, "pi": stat,
+               "morphometry": morph}
+    lines = format_table([SimpleNamespace(label="A", summary=summary)]).splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == list(TABLE_HEADER)
+    assert len(lines) == 3 and "Not computed" not in "".join(lines)

@@ -128,6 +128,17 @@ def test_checkpoint_window_rescaled_for_other_integer_dtype(caplog):
         resolve_window({"window": [0, 255], "dtype": "uint8"}, (5, 5), np.uint8)
 
 
+@pytest.mark.parametrize("window", [(5, 5), (200, 10)])
+def test_an_empty_window_given_is_refused_naming_the_option(window):
+    """LO equal to HI or above it: the error names --window and both values as given (not the
+    generic 'intensity window' message, which does not say which option to change)."""
+    lo, hi = window
+    with pytest.raises(UserError) as e:
+        resolve_window({"window": [0, 255], "dtype": "uint8"}, window, np.uint8)
+    assert str(e.value) == f"--window {lo} {hi}: the window is empty (LO must be below HI)"
+    assert resolve_window({"window": [0, 255], "dtype": "uint8"}, (5, 5.5), np.uint8) == (5, 5.5)
+
+
 def test_batch_size_invariance():
     vol = lr_volume(np.float32, z=5)
     intensity = {"window": [0, 1], "dtype": "float32"}

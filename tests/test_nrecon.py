@@ -405,3 +405,119 @@ def test_several_reconstruction_logs_warn(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert nrecon.find_log(folder) == folder / "a__rec.log"
     assert "2 reconstruction logs" in caplog.text
+
+
+def test_unicode_log_not_named_rec_is_found_by_its_content(tmp_path):
+    """The content search for a [Reconstruction] section decodes as parse_log does: a log
+    re-saved as UTF-16 under a name not ending in 'rec' is still the folder's log."""
+    folder = tmp_path / "rec"
+    make_nrecon_folder(folder, n=3)
+    log_path = folder / "reconstruction.log"
+    (folder / "tibia_4__rec.log").rename(log_path)
+    log_path.write_bytes(log_path.read_bytes().decode("latin-1").encode("utf-16"))
+    assert nrecon.find_log(folder) == log_path
+    v = open_volume(folder)
+    assert v.format == "nrecon" and v.spacing_um == pytest.approx((9.919978,) * 3)
+
+
+def test_utf8_byte_order_mark_before_latin1_text_falls_back_to_latin1(tmp_path):
+    """A BOM, but bytes that are no UTF-8 (an editor that added the mark and kept the
+    Windows code page): read as latin-1 after the mark, not an error."""
+    folder = tmp_path / "rec"
+    make_nrecon_folder(folder, n=3)
+    p = folder / "tibia_4__rec.log"
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    s = nrecon.parse_log(p)
+    assert s["System"]["Scanner"] == "Skyscan1272"
+    assert s["Acquisition"]["Data directory"] == "D:\\Results\\Müller\\tibia_4"
+
+
+def test_a_log_of_neither_kind_is_not_called_an_acquisition_log(tmp_path):
+    p = tmp_path / "scan.log"
+    p.write_text("[System]\nScanner=Skyscan1272\n")
+    with pytest.raises(UserError, match=r"scan\.log: not an NRecon reconstruction log \(no "
+                                        r"\[Reconstruction\] section\)"):
+        nrecon.read_log(p)
+
+
+def test_a_stale_temporary_log_beside_the_log_is_not_read(tmp_path, caplog):
+    """Our own temporaries (``.microct-sr-tmp-...``) are dot-files as well: a killed run's
+    half-written ``*_rec.log`` is neither read nor counted as a second reconstruction log."""
+    folder = tmp_path / "rec"
+    vol = make_nrecon_folder(folder, n=3)
+    (folder / ".microct-sr-tmp-99999-abcd-tibia_4__rec.log").write_bytes(
+        b"[Reconstruction]\r\nPixel Size (um)=1")
+    with caplog.at_level(logging.WARNING):
+        assert nrecon.find_log(folder) == folder / "tibia_4__rec.log"
+        v = open_volume(folder)
+    assert "reconstruction logs" not in caplog.text
+    assert v.spacing_um == pytest.approx((9.919978,) * 3)
+    np.testing.assert_array_equal(v.read(0, 3), vol)
+
+
+@pytest.mark.parametrize("ftype, suffix", [("TIF", ".tiff"), ("JPEG", ".jpg")])
+def test_result_file_type_matches_tiff_and_jpeg_spellings(tmp_path, caplog, ftype, suffix):
+    """Result File Type TIF picks ``.tiff`` slices and JPEG picks ``.jpg`` ones (the log's
+    type and the file suffix may each use either spelling), not the BMP copies beside them."""
+    folder = tmp_path / "rec"
+    vol8 = make_nrecon_folder(folder, n=3)
+    for i, s in enumerate(vol8):
+        name = folder / f"tibia_4__rec{20 + i:08d}{suffix}"
+        if suffix == ".tiff":
+            tifffile.imwrite(name, s.astype(np.uint16) * 257)
+        else:
+            assert cv2.imwrite(str(name), s)
+    p = folder / "tibia_4__rec.log"
+    p.write_bytes(p.read_bytes().replace(b"Result File Type=BMP",
+                                         f"Result File Type={ftype}".encode()))
+    with caplog.at_level(logging.WARNING):
+        v = open_volume(folder)
+    want = {".tiff": ".tif", ".jpg": ".jpg"}[suffix]
+    assert f"reading the {want} slices (the log's Result File Type)" in caplog.text
+    assert len(v) == 3
+    if suffix == ".tiff":
+        np.testing.assert_array_equal(v.read(0, 3), vol8.astype(np.uint16) * 257)
+
+
+def test_slices_beside_an_acquisition_log_but_not_named_as_projections_are_read(tmp_path):
+    """Only a series named ``<acquisition Filename Prefix><number>`` is taken for the
+    projections: reconstructed slices (``tibia_4_rec0000NNNN``) with the acquisition log
+    copied beside them, their own log missing, are read as numbered slices."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    (folder / "tibia_4_.log").write_bytes(_acquisition_log())
+    vol = np.arange(3 * 20 * 30, dtype=np.uint16).reshape(3, 20, 30)
+    for i, s in enumerate(vol):
+        tifffile.imwrite(folder / f"tibia_4_rec{20 + i:08d}.tif", s)
+    v = open_volume(folder)
+    assert v.format == "slices"
+    np.testing.assert_array_equal(v.read(0, 3), vol)
+
+
+def test_scan_folder_names_every_reconstruction_and_no_temporary_folder(tmp_path):
+    """Two reconstructions below the scan folder are both named; a hidden folder (another
+    run's temporary NRecon output, a ``._`` companion) is not offered."""
+    scan = tmp_path / "tibia_4"
+    make_nrecon_folder(scan / "tibia_4_Rec", n=3)
+    make_nrecon_folder(scan / "tibia_4_Rec2", n=3)
+    make_nrecon_folder(scan / ".microct-sr-tmp-99999-tibia_4_Rec3", n=3)
+    (scan / "notes.txt").write_text("rat 4\n")
+    with pytest.raises(UserError) as e:
+        open_volume(scan)
+    assert str(e.value).endswith("; the NRecon reconstruction is in tibia_4_Rec or tibia_4_Rec2")
+
+
+def test_slices_not_named_after_the_log_warn_naming_the_logs_stem(tmp_path, caplog):
+    """A log without a Filename Prefix is matched by its stem; slices named otherwise are read
+    as the folder's numbered series, and the warning names the stem that was looked for."""
+    folder = tmp_path / "rec"
+    vol = make_nrecon_folder(folder, n=3)
+    log_path = folder / "scan_rec.log"
+    (folder / "tibia_4__rec.log").rename(log_path)
+    text = log_path.read_bytes()
+    assert b"Filename Prefix=tibia_4__rec\r\n" in text
+    log_path.write_bytes(text.replace(b"Filename Prefix=tibia_4__rec\r\n", b""))
+    with caplog.at_level(logging.WARNING):
+        v = open_volume(folder)
+    assert "no slices named after the log's prefix 'scan_rec'" in caplog.text
+    np.testing.assert_array_equal(v.read(0, 3), vol)

@@ -117,6 +117,43 @@ def test_gan_resume_on_another_process_count_warns(pairs, tmp_path, caplog):
     assert "trained on 2 process(es), now 1" in caplog.text
 
 
+def test_psnr_resume_on_another_process_count_does_not_warn(pairs, tmp_path, caplog):
+    """The psnr stage has no batch-mean term: its resume on another process count continues
+    the same objective, so it says nothing (only the gan stage's relativistic loss changes)."""
+    run = tmp_path / "psnr"
+    train(_cfg(pairs, run, arch="srcnn", iters=1))
+    path = run / "checkpoints" / "iter_00000001.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["train_state"]["processes"] == 1
+    ckpt["train_state"]["processes"] = 2
+    torch.save(ckpt, path)
+    with caplog.at_level(logging.WARNING, logger="microct_sr.train"):
+        summary = train(_cfg(pairs, run, arch="srcnn", iters=2, resume=True))
+    assert summary["iterations"] == 2 and "process(es)" not in caplog.text
+
+
+def test_global_batch_not_divisible_by_world_size_is_refused_in_process(pairs, tmp_path,
+                                                                       monkeypatch):
+    """The WORLD_SIZE check runs before any process group or file: a new run names the
+    global batch, a resumed one says the batch is the run's (it cannot be changed there)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError) as e:
+        train(_cfg(pairs, tmp_path / "odd", arch="srcnn", iters=1, batch_size=3))
+    assert str(e.value).startswith("--batch-size 3 (global batch) is not divisible by the 2 "
+                                   "torchrun processes")
+    assert not (tmp_path / "odd").exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    run = tmp_path / "run"
+    train(_cfg(pairs, run, arch="srcnn", iters=1, batch_size=3))
+    before = sorted(p.name for p in run.rglob("*"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError) as e:
+        train(_cfg(pairs, run, arch="srcnn", iters=2, batch_size=3, resume=True))
+    assert str(e.value).startswith("--batch-size 3 (the run's global batch) is not divisible "
+                                   "by the 2 torchrun processes")
+    assert sorted(p.name for p in run.rglob("*")) == before
+
+
 def _kill_at(monkeypatch, n_calls: int) -> None:
     """Make the n-th optimisation step raise, as a killed process would stop."""
     real = train_mod._Trainer._step
@@ -623,6 +660,52 @@ def test_a_second_run_into_a_folder_another_run_is_writing_is_refused(pairs, tmp
     assert run_cli(*args).exit_code == 0  # the other run is gone: this one runs
     r = run_cli(*args[:-1], "--resume", "--iters", "2", "--quiet")  # and a resume after it
     assert r.exit_code == 0, r.stderr
+
+
+def test_the_run_folder_is_locked_while_the_run_trains_and_released_after(pairs, tmp_path,
+                                                                           monkeypatch):
+    """The lock is held for the run's whole life (not only while it is taken): another
+    process's attempt during a training step is refused; after the run it succeeds."""
+    import fcntl
+
+    run, seen = tmp_path / "run", []
+    real = train_mod._Trainer._step
+
+    def step(self, lr, hr):
+        if not seen:
+            with open(run / ".microct-sr-train.lock", "a+") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    seen.append("free")
+                except BlockingIOError:
+                    seen.append("held")
+        return real(self, lr, hr)
+
+    monkeypatch.setattr(train_mod._Trainer, "_step", step)
+    train(_cfg(pairs, run, arch="srcnn", iters=2))
+    assert seen == ["held"]
+    with open(run / ".microct-sr-train.lock", "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: no BlockingIOError
+
+
+def test_a_run_another_run_finished_while_this_one_started_is_not_clobbered(pairs, tmp_path,
+                                                                            monkeypatch):
+    """The 'no run here yet' check and taking the lock are two steps: a run that finished in
+    between (its model.pt now in RUN_DIR) is found again under the lock and kept."""
+    run = tmp_path / "run"
+    real = train_mod._init_distributed
+
+    def other_run_finishes_meanwhile(cfg):
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "model.pt").write_bytes(b"the other run")
+        return real(cfg)
+
+    monkeypatch.setattr(train_mod, "_init_distributed", other_run_finishes_meanwhile)
+    with pytest.raises(UserError, match="already holds a training run") as e:
+        train(_cfg(pairs, run, arch="srcnn", iters=1))
+    assert e.value.path == str(run)
+    assert (run / "model.pt").read_bytes() == b"the other run"
+    assert not (run / "checkpoints").exists() and not (run / "split.json").exists()
 
 
 def test_cli_runs_and_refuses_to_clobber(pairs, tmp_path, run_cli):

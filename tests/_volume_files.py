@@ -23,6 +23,29 @@ def make_model(path: Path, name: str = "tiny", dtype: str = "uint8") -> Path:
                       provenance={"stage": "test", "iterations": 0, "data": "random init"})
 
 
+class ArrayVolume:
+    """An in-memory stand-in for ``volume.Volume``: ``shape``, ``dtype``, ``spacing_um``,
+    ``path``, ``read(z0, z1)`` (a copy; every call recorded in ``reads``) and ``[z]``.
+    ``fail_at``: reading from that slice on raises OSError (a disk failing mid-scan)."""
+
+    def __init__(self, array: np.ndarray,
+                 spacing_um: tuple[float, float, float] | None = (80.0, 80.0, 80.0),
+                 path: str | Path = "memory.tif", fail_at: int | None = None):
+        self.array, self.spacing_um, self.fail_at = array, spacing_um, fail_at
+        self.path = Path(path)
+        self.shape, self.dtype = array.shape, array.dtype
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        if self.fail_at is not None and z0 >= self.fail_at:
+            raise OSError("disk on fire")
+        self.reads.append((z0, z1))
+        return self.array[z0:z1].copy()
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return self.read(z, z + 1)[0]
+
+
 def dicom_series(folder: Path, slices: list[np.ndarray], dz_mm: float = 0.05) -> list[Path]:
     """One DICOM file per slice (pixel 0.02 x 0.03 mm, slices ``dz_mm`` apart), one series."""
     folder.mkdir(exist_ok=True)

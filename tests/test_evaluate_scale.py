@@ -7,27 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _volume_files import ArrayVolume
 from skimage.filters import threshold_otsu
 
 import microct_sr.progress
 from microct_sr.metrics import evaluate as ev
-
-
-class ArrayVolume:
-    """An in-memory ``VolumeLike`` that records every ``read(z0, z1)``."""
-
-    def __init__(self, array: np.ndarray, spacing_um: tuple[float, float, float] | None,
-                 name: str = "vol"):
-        self.array = array
-        self.path = Path(name)
-        self.shape = array.shape
-        self.dtype = array.dtype
-        self.spacing_um = spacing_um
-        self.reads: list[tuple[int, int]] = []
-
-    def read(self, z0: int, z1: int) -> np.ndarray:
-        self.reads.append((z0, z1))
-        return self.array[z0:z1].copy()
 
 
 def two_phase(shape: tuple[int, int, int], dtype: str, seed: int = 0) -> np.ndarray:

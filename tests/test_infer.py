@@ -14,6 +14,7 @@ import tifffile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _volume_files import ArrayVolume
 
 from microct_sr import infer
 from microct_sr.errors import UserError
@@ -29,22 +30,6 @@ from microct_sr.infer import (
     upscale_volume,
 )
 from microct_sr.models import build_model, preset
-
-
-class ArrayVolume:
-    """In-memory stand-in for volume.Volume (shape, dtype, read)."""
-
-    def __init__(self, array: np.ndarray, fail_at: int | None = None):
-        self.array, self.fail_at = array, fail_at
-        self.shape, self.dtype, self.spacing_um = array.shape, array.dtype, (80.0, 80.0, 80.0)
-        self.path = "memory.tif"
-        self.reads: list[tuple[int, int]] = []
-
-    def read(self, z0: int, z1: int) -> np.ndarray:
-        if self.fail_at is not None and z0 >= self.fail_at:
-            raise OSError("disk on fire")
-        self.reads.append((z0, z1))
-        return self.array[z0:z1].copy()
 
 
 class CollectingWriter:

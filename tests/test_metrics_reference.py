@@ -7,10 +7,10 @@ pyiqa's public ``create_metric``."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _volume_files import ArrayVolume
 from scipy import ndimage
 
 from microct_sr.metrics import evaluate as ev
@@ -21,21 +21,6 @@ ANISO = (80.0, 10.0, 10.0)  # an SR volume from `upscale`: LR slice spacing, 10 
 
 
 # ---------------------------------------------------------------------------- helpers
-
-class ArrayVolume:
-    """An in-memory volume with the interface ``evaluate`` reads."""
-
-    def __init__(self, array: np.ndarray, spacing_um: tuple[float, float, float] | None,
-                 name: str = "vol.tif"):
-        self.array = array
-        self.path = Path(name)
-        self.shape = array.shape
-        self.dtype = array.dtype
-        self.spacing_um = spacing_um
-
-    def read(self, z0: int, z1: int) -> np.ndarray:
-        return self.array[z0:z1]
-
 
 def run_evaluate(sr: np.ndarray, hr: np.ndarray, metrics: set[str], *, crop: int = 4,
                  hr_spacing: tuple[float, float, float] | None = (10.0, 10.0, 10.0)

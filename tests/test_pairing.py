@@ -15,32 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-
-@dataclass
-class ArrayVolume:
-    """A minimal in-memory stand-in for ``volume.Volume`` (same attributes used by pairing)."""
-
-    array: np.ndarray
-    spacing_um: tuple[float, float, float] | None
-    path: str = "<memory>"
-
-    @property
-    def shape(self):
-        return self.array.shape
-
-    @property
-    def dtype(self):
-        return self.array.dtype
-
-    def read(self, z0: int, z1: int) -> np.ndarray:
-        return self.array[z0:z1]
-
-    def __getitem__(self, z: int) -> np.ndarray:
-        return self.array[z]
-
-    def __len__(self) -> int:
-        return len(self.array)
+from _volume_files import ArrayVolume
 
 
 def trabecular(shape: tuple[int, int, int], seed: int = 0, coarse: int = 4) -> np.ndarray:

@@ -712,3 +712,48 @@ def test_macos_appledouble_files_beside_numbered_slices_are_ignored(tmp_path):
     assert v.format == "slices" and [f.name for f in v.files] == ["img000.png", "img001.png",
                                                                    "img002.png"]
     np.testing.assert_array_equal(v.read(0, 3), a)
+
+
+# ---------------------------------------------------------------------------------- viewers
+
+@pytest.mark.parametrize("dtype, shift", [(np.uint16, 0), (np.float32, 0), (np.int16, 32768)])
+def test_imagej_tiff_display_range_is_the_whole_volume(tmp_path, dtype, shift):
+    """Fiji sets a 16-bit or float stack's display range from the description's min/max, and
+    without them from the first slice alone: a dim first slice saturated the rest of the
+    scan. The whole volume's range is written (ImageJ shifts int16 by 32768)."""
+    a = np.zeros((4, 8, 8), dtype)
+    a[0] = 100  # dim first slice, as at the end of a scan
+    a[0, 0, 0] = 110
+    a[2, 3, 3] = 3000
+    a[3, 1, 1] = -5 if dtype != np.uint16 else 50
+    p = write_volume(tmp_path / "v.tif", a, SPACING)
+    with tifffile.TiffFile(p) as tf:
+        ij = tf.imagej_metadata
+        assert ij["min"] == pytest.approx(float(a.min()) + shift)
+        assert ij["max"] == pytest.approx(float(a.max()) + shift)
+        assert ij["spacing"] == pytest.approx(7.5) and ij["unit"] == "um"
+        assert ij["slices"] == 4
+        np.testing.assert_array_equal(tf.asarray(), a)
+    with open_volume(p) as v:
+        assert v.spacing_um == pytest.approx(SPACING)
+        np.testing.assert_array_equal(v.read(0, 4), a)
+
+
+def test_imagej_tiff_8bit_keeps_fijis_0_255_display(tmp_path):
+    """8-bit stacks open at 0-255 in Fiji, as on the scanner; no min/max that would stretch
+    them."""
+    p = write_volume(tmp_path / "v.tif", np.full((2, 4, 4), 7, np.uint8), SPACING)
+    with tifffile.TiffFile(p) as tf:
+        assert "min" not in tf.imagej_metadata and "max" not in tf.imagej_metadata
+
+
+@pytest.mark.parametrize("name", ["v.mha", "v.nrrd"])
+def test_unknown_spacing_is_not_written_as_1_mm(tmp_path, caplog, name):
+    """ITK writes 1 mm when no spacing is set; an MHA/NRRD of a scan of unknown voxel size
+    then read as 1000 um voxels (info, evaluate). The field is left out, as in a TIFF."""
+    a = _vol(np.uint16, shape=(3, 5, 6))
+    p = write_volume(tmp_path / name, a, None)
+    with caplog.at_level(logging.WARNING), open_volume(p) as v:
+        assert v.spacing_um is None and v.spacing_source == "unknown"
+        np.testing.assert_array_equal(v.read(0, 3), a)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(p))), a)

@@ -28,6 +28,10 @@ _IMAGE_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".mha": "MetaIma
              ".dcm": "GDCMImageIO"}
 # Written compressed (their size on disk is not known up front)
 _COMPRESSED = (".nii.gz", ".nrrd", ".mha")
+# Header fields ITK fills with 1 mm when no spacing is set; left out for an unknown voxel size
+# (NRRD's space directions carry the direction too, and its space and origin need them).
+_SPACING_FIELDS = {".nrrd": (b"space:", b"space directions:", b"space origin:"),
+                   ".mha": (b"ElementSpacing =",)}
 # What a MetaImage writer may put beside its header when the data go to a separate file.
 _COMPANIONS = (".mhd", ".raw", ".zraw")
 
@@ -158,6 +162,33 @@ def _nifti_vox_offset(head: bytes) -> int:
         if sizeof_hdr == 540 and len(head) >= 176:
             return max(540, int(struct.unpack_from(order + "q", head, 168)[0]))
     return 352
+
+
+def _drop_header_fields(path: Path, fields: tuple[bytes, ...]) -> None:
+    """Rewrite the NRRD or MHA file ``path`` (header attached, as ITK writes them) in place
+    without the header lines that start with one of ``fields``; the data move up unchanged."""
+    end_mark = b"\n\n" if path.name.lower().endswith(".nrrd") else b"ElementDataFile = LOCAL\n"
+    with open(path, "r+b") as f:
+        start = f.read(65536)
+        end = start.find(end_mark)
+        if end < 0:
+            raise OSError(f"cannot find the end of the header ITK wrote to {path}")
+        end += len(end_mark)
+        head = b"".join(line for line in start[:end].splitlines(keepends=True)
+                        if not line.startswith(fields))
+        read_at, write_at = end, len(head)
+        f.seek(0)
+        f.write(head)
+        while True:  # the header shrank: each block is written before where it was read
+            f.seek(read_at)
+            block = f.read(1 << 22)
+            if not block:
+                break
+            f.seek(write_at)
+            f.write(block)
+            read_at += len(block)
+            write_at += len(block)
+        f.truncate(write_at)
 
 
 def _first_line(e: Exception) -> str:
@@ -354,6 +385,8 @@ class SitkWriter(VolumeWriter):
         except RuntimeError as e:
             raise OSError(f"SimpleITK could not write {self.path}: {_first_line(e)}") from None
         self._buf = None
+        if not self.spacing_um and sitk_suffix(self.path) in _SPACING_FIELDS:
+            _drop_header_fields(self.tmp, _SPACING_FIELDS[sitk_suffix(self.path)])
 
     def _cleanup(self) -> None:
         """Drop the buffer and any data file ITK wrote beside the temporary header."""

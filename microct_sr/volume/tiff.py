@@ -303,8 +303,9 @@ def _resolution_tags(path: Path, x: float, y: float, unit: str | None = None) ->
 
 
 class TiffVolumeWriter(VolumeWriter):
-    """ImageJ hyperstack TIFF (spacing + unit um, X/YResolution in px/um), or BigTIFF with
-    OME-XML PhysicalSize in um when forced (``.ome.tif``) or above :data:`BIGTIFF_THRESHOLD`.
+    """ImageJ hyperstack TIFF (spacing + unit um, X/YResolution in px/um, min/max for 16-bit and
+    float), or BigTIFF with OME-XML PhysicalSize in um when forced (``.ome.tif``) or above
+    :data:`BIGTIFF_THRESHOLD`.
     The header is written first with the final shape; slices are then written in place."""
 
     kind = "tiff"
@@ -334,6 +335,10 @@ class TiffVolumeWriter(VolumeWriter):
                         self.dtype)
         self._offset = self._write_header(self.description)
         self._fh = open(self.tmp, "r+b")
+        # Fiji takes a 16-bit/float stack's display range from min/max in the description,
+        # else from the first slice alone (saturating the rest): track the whole volume's
+        self._range: list[float] | None = None
+        self._track_range = not self.ome and self.dtype.name in ("uint16", "int16", "float32")
 
     def _write_header(self, description: str | None) -> int:
         import tifffile
@@ -366,11 +371,29 @@ class TiffVolumeWriter(VolumeWriter):
         slice_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
         self._fh.seek(self._offset + self.count * slice_bytes)
         self._fh.write(np.ascontiguousarray(block, self.dtype.newbyteorder("<")).tobytes())
+        if self._track_range:
+            values = block[np.isfinite(block)] if block.dtype.kind == "f" else block
+            if values.size:
+                lo, hi = float(values.min()), float(values.max())
+                self._range = [lo, hi] if self._range is None else \
+                    [min(lo, self._range[0]), max(hi, self._range[1])]
 
     def _finish(self) -> None:
         self._fh.flush()
+        if self._range is not None and self._range[0] < self._range[1]:
+            self._write_display_range(*self._range)
         os.fsync(self._fh.fileno())
         self._fh.close()
+
+    def _write_display_range(self, lo: float, hi: float) -> None:
+        """Add ImageJ's ``min``/``max`` (the display range Fiji opens with) to the description.
+        ImageJ reads int16 as unsigned values shifted by 32768, and so are its min/max."""
+        import tifffile
+
+        shift = 32768.0 if self.dtype == np.int16 else 0.0
+        desc = tifffile.tiffcomment(self.tmp)
+        desc = (desc.decode("ascii") if isinstance(desc, bytes) else desc).rstrip("\0\n")
+        tifffile.tiffcomment(self.tmp, comment=f"{desc}\nmin={lo + shift!r}\nmax={hi + shift!r}\n")
 
     def _cleanup(self) -> None:
         if self._fh is not None:

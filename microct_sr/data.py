@@ -127,8 +127,8 @@ def patch_dtype(pairs: Sequence[Pair]) -> str:
     """The dtype of the patches: read from the LR and HR patch of the first pair of each scan
     in each pair folder (not every patch); UserError naming two files when they differ (8- and
     16-bit data pooled would need two intensity windows)."""
-    # per scan, not per folder: `pair` adds scans of any dtype to one folder, and a scan
-    # left out of the window estimate (a val scan) would otherwise be scaled silently wrong
+    # per scan, not per folder: a folder made by hand or by an older `pair` may mix dtypes,
+    # and a scan left out of the window estimate (a val scan) would be scaled silently wrong
     first: dict[tuple[Path, str], Pair] = {}
     for p in pairs:
         first.setdefault((p.folder, p.scan_id), p)

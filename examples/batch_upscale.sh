@@ -9,7 +9,8 @@
 # name, then rename), so an existing OUT_DIR/<scan>_sr.tif is always complete: re-running the
 # script after a crash, a Ctrl-C or a kill resumes with the scans not yet done. Exit status of
 # `upscale`:
-# 0 done, 2 bad input (logged, skipped), 130 interrupted (the loop stops), other: logged.
+# 0 done, 2 bad input (logged with its error message, skipped), 130 interrupted (the loop
+# stops), other: logged. The log is OUT_DIR/batch_upscale.log.
 set -u
 
 if [ $# -lt 2 ]; then
@@ -66,8 +67,12 @@ for scan in "${in_dir%/}"/*; do
     case $status in
         0) done_n=$((done_n + 1)) ;;
         130) echo "interrupted; re-run to resume" >&2; rm -f "$out_dir/${stem}_sr.json"; exit 130 ;;
-        *) failed=$((failed + 1)); rm -f "$out_dir/${stem}_sr.json"
-           echo "$(date -u +%FT%TZ) $scan: exit $status" >> "$log"
+        *) failed=$((failed + 1))
+           # a failed --json run prints {"error", "exit_code", "path"}: log its reason
+           reason=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["error"])' \
+                    "$out_dir/${stem}_sr.json" 2>/dev/null)
+           rm -f "$out_dir/${stem}_sr.json"
+           echo "$(date -u +%FT%TZ) $scan: exit $status${reason:+: $reason}" >> "$log"
            echo "failed ($status): $scan (see messages above; logged in $log)" >&2 ;;
     esac
 done

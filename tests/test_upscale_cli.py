@@ -437,6 +437,12 @@ def test_batch_script_keeps_dotted_scan_names_and_ignores_side_files(files, tmp_
     assert "upscaled 2, already done 0, failed 0, not scans (ignored) 1" in r.stderr
     r = batch()
     assert r.returncode == 0 and "upscaled 0, already done 2" in r.stderr
+    (scans / "rat.03.tif").write_bytes(b"not a TIFF")  # a broken scan: logged with its reason
+    r = batch()
+    assert r.returncode == 1 and "upscaled 0, already done 2, failed 1" in r.stderr
+    logged = (tmp_path / "sr" / "batch_upscale.log").read_text()
+    assert "rat.03.tif: exit 2: " in logged and "not a readable TIFF" in logged, logged
+    assert not (tmp_path / "sr" / "rat.03_sr.json").exists()
 
 
 def test_overwrite_never_deletes_a_folder_of_the_users_own_volumes(tmp_path, run_cli):

@@ -206,6 +206,29 @@ def test_mask_values_nonzero_is_bone_and_nan_is_refused(tmp_path, run_cli):
     assert not (tmp_path / "bad.tif").exists()
 
 
+def test_phantom_of_a_positioned_mask_keeps_its_origin_and_direction(tmp_path, run_cli):
+    """`phantom --mask` on a NIfTI placed in the scanner frame (origin, rotated axes) wrote
+    its phantom at the origin with identity axes, so 3D Slicer did not overlay the two."""
+    import SimpleITK as sitk
+
+    from microct_sr.volume import write_volume
+
+    mask = np.zeros((16, 32, 32), np.uint8)
+    mask[:, 8:20, 8:20] = 1
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    direction = (c, -s_, 0.0, s_, c, 0.0, 0.0, 0.0, -1.0)
+    write_volume(tmp_path / "mask.nii.gz", mask, SP, origin_mm=(1.5, -2.0, 3.25),
+                 direction=direction)
+    r = run_cli("phantom", tmp_path / "ph.nrrd", "--mask", tmp_path / "mask.nii.gz")
+    assert r.exit_code == 0, r.stderr
+    img = sitk.ReadImage(str(tmp_path / "ph.nrrd"))
+    assert img.GetOrigin() == pytest.approx((1.5, -2.0, 3.25), abs=1e-5)
+    assert img.GetDirection() == pytest.approx(direction, abs=1e-5)
+    r = run_cli("phantom", tmp_path / "free.nrrd", "--shape", "16", "32", "32", "--no-cortex")
+    assert r.exit_code == 0, r.stderr
+    assert sitk.ReadImage(str(tmp_path / "free.nrrd")).GetOrigin() == (0.0, 0.0, 0.0)
+
+
 @pytest.mark.slow
 def test_mask_from_real_vertebra_roi(shared_data, tmp_path, run_cli):
     """A real binary bone mask (BoneJ vertebra ROI, 300^3) gets gray values: its bone voxels

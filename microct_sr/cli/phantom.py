@@ -69,9 +69,12 @@ def command(out: str, shape: tuple[int, int, int], bvtv: float, thickness_um: fl
                           cortex=cortex)
         # the output is checked (exists, parent folder, format, free space) before the work
         grid = tuple(shape) if mask_vol is None else tuple(mask_vol.shape)
+        # on the mask's grid: its position too, so the phantom overlays the mask in 3D Slicer
+        meta = {} if mask_vol is None else mask_vol.metadata
         writer = stack.enter_context(create_volume_writer(
             out, grid, dtype, spacing, overwrite=overwrite,
-            description="microct-sr phantom (procedural trabecular bone)"))
+            description="microct-sr phantom (procedural trabecular bone)",
+            origin_mm=meta.get("origin_mm"), direction=meta.get("direction")))
         mask = None if mask_vol is None else mask_vol.read(0, len(mask_vol))
         array, info = make_phantom(tuple(shape), spacing, bvtv=bvtv, thickness_um=thickness_um,
                                    cortex=cortex, seed=seed, mask=mask, dtype=dtype,

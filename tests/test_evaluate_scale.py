@@ -122,3 +122,24 @@ def test_tiff_of_one_series_per_page_with_an_odd_page_is_refused(tmp_path, odd):
     _one_page_per_write(tmp_path / "m.tif", pages)
     with pytest.raises(UserError, match="pages of different sizes or types"):
         open_volume(tmp_path / "m.tif")
+
+
+def test_per_slice_psnr_and_ssim_on_threads_stay_in_slice_order(monkeypatch):
+    """PSNR/SSIM run on worker threads while the next slices are read: every slice's values
+    must land in its own row and in slice order, the same as on one thread."""
+    rng = np.random.default_rng(5)
+    hr = rng.integers(0, 255, (8 * 9, 48, 48)).astype(np.uint8)
+    noise = [rng.normal(0, 2 + 6 * k, (48, 48)) for k in range(9)]  # worse slice by slice
+    sr = np.stack([np.clip(hr[8 * k + 4] + n, 0, 255) for k, n in enumerate(noise)])
+    opts = ev.EvalOptions(metrics={"psnr", "ssim"}, quiet=True)
+    runs = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(ev, "FIDELITY_THREADS", threads)
+        monkeypatch.setattr(ev, "usable_cores", lambda: 4)
+        res = ev.evaluate_volume(ArrayVolume(sr.astype(np.uint8), (80.0, 10.0, 10.0)),
+                                 ArrayVolume(hr, (10.0, 10.0, 10.0)), opts, label="m")
+        runs[threads] = [(r["sr_slice"], r["psnr"], r["ssim"]) for r in res.rows]
+        assert res.values["psnr"] == [r["psnr"] for r in res.rows]
+    assert runs[1] == runs[3]
+    psnr = [p for _, p, _ in runs[3]]
+    assert [k for k, _, _ in runs[3]] == list(range(9)) and psnr == sorted(psnr, reverse=True)

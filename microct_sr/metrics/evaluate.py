@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -25,6 +27,7 @@ import numpy as np
 
 from ..errors import UserError
 from . import fidelity
+from .morphometry import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -408,27 +411,50 @@ def _scan(sr: VolumeLike, hr: VolumeLike, grid: Grid, reference: Reference, opts
     sr_bone = np.zeros((n, y1 - y0, x1 - x0), bool) if "morph" in opts.metrics else None
     hr_bone = None if sr_bone is None else np.zeros_like(sr_bone)
     rows: list[dict[str, Any]] = []
-    for i, k in enumerate(progress(range(k0, k1), desc=f"evaluate {label}", quiet=opts.quiet,
-                                   unit="slice")):
-        s = _read_checked(sr, k, k + 1)[0]
-        h = _hr_slice(hr, grid, k, opts.hr_slice)
-        s255 = fidelity.crop_border(fidelity.to_255(s, reference.window), b)
-        h255 = fidelity.crop_border(fidelity.to_255(h, reference.window), b)
-        z0, z1 = grid.hr_range(k, opts.hr_slice)
-        row: dict[str, Any] = {"label": label, "sr_slice": k, "hr_slice_start": z0,
-                               "hr_slice_stop": z1}
-        for name in fid:
-            row[name] = getattr(fidelity, name)(s255, h255)
-            values[name].append(row[name])
-        for name, vals in _score_crops(scorer, s255, crop_at.get(i, [])).items():
-            values[name].extend(vals)
-            finite = [v for v in vals if math.isfinite(v)]
-            row[name] = float(np.mean(finite)) if finite else None
-        if sr_bone is not None:
-            sr_bone[i] = s[y0:y1, x0:x1] > reference.threshold
-            hr_bone[i] = h[y0:y1, x0:x1] > reference.threshold
-        rows.append(row)
+    # PSNR/SSIM of a slice run on worker threads (scikit-image and numpy release the GIL:
+    # 1.96x on 2 cores for 1272 x 1272 SSIM) while the next slices are read; a few slices
+    # in flight, results taken in slice order
+    threads = max(1, min(usable_cores(), FIDELITY_THREADS)) if fid else 1
+    pending: deque[tuple[dict[str, Any], Future]] = deque()
+
+    def finish_oldest() -> None:
+        row, future = pending.popleft()
+        for name, v in future.result().items():
+            row[name] = v
+            values[name].append(v)
+
+    with ThreadPoolExecutor(threads) as pool:
+        for i, k in enumerate(progress(range(k0, k1), desc=f"evaluate {label}",
+                                       quiet=opts.quiet, unit="slice")):
+            s = _read_checked(sr, k, k + 1)[0]
+            h = _hr_slice(hr, grid, k, opts.hr_slice)
+            s255 = fidelity.crop_border(fidelity.to_255(s, reference.window), b)
+            h255 = fidelity.crop_border(fidelity.to_255(h, reference.window), b)
+            z0, z1 = grid.hr_range(k, opts.hr_slice)
+            row: dict[str, Any] = {"label": label, "sr_slice": k, "hr_slice_start": z0,
+                                   "hr_slice_stop": z1}
+            pending.append((row, pool.submit(_fidelity_of, fid, s255, h255)))
+            for name, vals in _score_crops(scorer, s255, crop_at.get(i, [])).items():
+                values[name].extend(vals)
+                finite = [v for v in vals if math.isfinite(v)]
+                row[name] = float(np.mean(finite)) if finite else None
+            if sr_bone is not None:
+                sr_bone[i] = s[y0:y1, x0:x1] > reference.threshold
+                hr_bone[i] = h[y0:y1, x0:x1] > reference.threshold
+            rows.append(row)
+            while len(pending) > 2 * threads:
+                finish_oldest()
+        while pending:
+            finish_oldest()
     return _Scan(rows, values, crops, sr_bone, hr_bone)
+
+
+FIDELITY_THREADS = 4  # PSNR/SSIM worker threads at most (each holds a few float64 slices)
+
+
+def _fidelity_of(names: list[str], s255: np.ndarray, h255: np.ndarray) -> dict[str, float]:
+    """``{name: value}`` of the fidelity metrics ``names`` (psnr, ssim) of one slice pair."""
+    return {name: getattr(fidelity, name)(s255, h255) for name in names}
 
 
 def make_scorer(metrics: set[str], explicit: bool, weights_dir: str | Path | None) -> Any:

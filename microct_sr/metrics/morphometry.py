@@ -114,7 +114,7 @@ def local_thickness(mask: np.ndarray, spacing: tuple[float, float, float], *,
         centres = radius >= r * (1 - 1e-9)
         return ndimage.distance_transform_edt(~centres, sampling=sp) <= r * (1 + 1e-9)
 
-    n = max(1, threads if threads is not None else min(_usable_cores(), MAX_THREADS))
+    n = max(1, threads if threads is not None else min(usable_cores(), MAX_THREADS))
     with ThreadPoolExecutor(n) as pool:
         bar = progress(total=len(levels), desc=desc, quiet=quiet, unit="level")
         for start in range(0, len(levels), n):  # n levels at a time bounds the memory
@@ -130,7 +130,8 @@ def local_thickness(mask: np.ndarray, spacing: tuple[float, float, float], *,
 MAX_THREADS = 4  # each thread holds a distance transform of the window (~20 bytes a voxel)
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; all cores off Linux)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

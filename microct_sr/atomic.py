@@ -119,13 +119,18 @@ def remove_dead_runs(folder: Path, pattern: re.Pattern) -> None:
         m = pattern.match(p.name)
         if m and not pid_alive(int(m.group(1))):
             log.info("removing %s left by an interrupted run", p)
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+            remove_path(p)
+
+
+def remove_path(p: Path) -> None:
+    """Remove the file, link or folder ``p`` (a folder with its contents); nothing if gone."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def pid_alive(pid: int) -> bool:

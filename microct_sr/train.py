@@ -270,7 +270,7 @@ def _lock_run_dir(run_dir: Path, resume: bool) -> None:
         raise UserError("another `microct-sr train` is writing this run folder; wait for it "
                         "to finish (then --resume continues it) or choose another --out",
                         run_dir) from None
-    if not resume and (_checkpoints(run_dir) or (run_dir / MODEL_FILE).exists()):
+    if not resume and _holds_run(run_dir):
         fh.close()
         raise UserError("already holds a training run (written by another run while this "
                         "one started); pass --resume to continue it or choose another --out",
@@ -287,16 +287,21 @@ def _release_run_dir(run_dir: Path) -> None:
         fh.close()
 
 
+def _holds_run(run_dir: Path) -> bool:
+    """Whether RUN_DIR holds a training run (a checkpoint or the final model)."""
+    return bool(_checkpoints(run_dir)) or (run_dir / MODEL_FILE).exists()
+
+
 def _resume_checkpoint(cfg: TrainConfig) -> dict | None:
     """Refuse to clobber a run; with ``resume`` the newest training checkpoint in RUN_DIR."""
     run_dir = Path(cfg.out)
     _check_out_dir(run_dir)
-    existing = _checkpoints(run_dir)
     if not cfg.resume:
-        if existing or (run_dir / MODEL_FILE).exists():
+        if _holds_run(run_dir):
             raise UserError("already holds a training run; pass --resume to continue it or "
                             "choose another --out", run_dir)
         return None
+    existing = _checkpoints(run_dir)
     if not existing:
         raise UserError(f"--resume: no checkpoint in {run_dir / CKPT_DIR}", run_dir)
     path = existing[max(existing)]

@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import TMP_PREFIX
+from ..atomic import TMP_PREFIX, remove_dead_runs
 from ..errors import UserError
 from .geometry import (
     CONVENTIONS,
@@ -158,8 +158,6 @@ TMP_PAIR_PREFIX = f"{TMP_PREFIX}pair-"  # + <pid>-<scan id>-<random>: a run's pa
 def _remove_dead_runs_folders(out_dir: Path) -> None:
     """Remove the patch folders that runs killed outright (SIGKILL, power loss) left in
     ``out_dir``: as large as a scan's patches, and nothing else would ever remove them."""
-    from ..atomic import remove_dead_runs
-
     remove_dead_runs(out_dir, re.compile(rf"^{re.escape(TMP_PAIR_PREFIX)}(\d+)-"))
 
 

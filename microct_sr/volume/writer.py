@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import deferred_signals, publish, raise_exit, remove_dead_runs
+from ..atomic import deferred_signals, publish, raise_exit, remove_dead_runs, remove_path
 from ..errors import UserError
 from .base import IMAGE_SUFFIXES, TMP_PREFIX, Spacing, to_dtype
 
@@ -82,7 +82,7 @@ class VolumeWriter:
         if self._uncompressed():
             _check_free_space(self.path, int(np.prod(self.shape)) * self.dtype.itemsize)
         self.tmp = self.path.parent / f"{TMP_PREFIX}{os.getpid()}-{self._tmp_name()}"
-        _remove(self.tmp)
+        remove_path(self.tmp)
         _remove_stale(self.path)
         _register(self)
         try:
@@ -147,7 +147,7 @@ class VolumeWriter:
         try:
             self._cleanup()
         finally:
-            _remove(self.tmp)
+            remove_path(self.tmp)
             _unregister(self)
 
     def _write(self, block: np.ndarray) -> None:  # pragma: no cover - abstract
@@ -216,16 +216,6 @@ def _check_replaceable_folder(path: Path) -> None:
                         f"{path / 'NAME.tif'}?)", path)
 
 
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists() or p.is_symlink():
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
-
-
 def _remove_stale(final: Path) -> None:
     """Remove temporary outputs for ``final`` left by killed processes (SIGKILL, power loss).
     The name's case is ignored: some writers lower-case the suffix of their temporary name.
@@ -258,7 +248,7 @@ def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
     try:
         with deferred_signals():
             for attempt in range(_SWAP_TRIES):
-                _remove(old)  # the output a concurrent run put in place: replaced as well
+                remove_path(old)  # the output a concurrent run put in place: replaced as well
                 moved = False
                 try:
                     os.replace(final, old)
@@ -278,7 +268,7 @@ def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
                         raise
     finally:
         if done:
-            _remove(old)
+            remove_path(old)
 
 
 _SWAP_TRIES = 5

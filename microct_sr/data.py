@@ -1,7 +1,9 @@
 """Training data: LR/HR patch pairs from one or more ``microct-sr pair`` folders.
 
-A pair folder holds ``lr/<patch_id>.tif``, ``hr/<patch_id>.tif`` (2D, HR = factor x LR) and
-``pairs.csv`` (patch_id, scan_id, ...); a folder of pair folders stands for all of them.
+A pair folder holds ``lr/<patch_id>.tif``, ``hr/<patch_id>.tif`` (HR = factor x LR in-plane)
+and ``pairs.csv`` (patch_id, scan_id, ...); a folder of pair folders stands for all of them.
+An LR patch is 2D, or with ``pair --context N`` a (2N+1, h, w) stack of the LR slice and its N
+neighbours on each side: the page count is the network's number of input channels.
 Folders are pooled; the train/val/test split is by
 ``scan_id`` (one specimen/animal: give the same scan_id to every simulated setting of the same
 specimen so no specimen leaks across the split). Augmentation: the 8 symmetries of the square
@@ -124,19 +126,42 @@ def lr_pixel_range(pairs: Sequence[Pair], scan_ids: Sequence[str]) -> list[float
 
 
 def patch_dtype(pairs: Sequence[Pair]) -> str:
-    """The dtype of the patches: read from the LR and HR patch of the first pair of each scan
-    in each pair folder (not every patch); UserError naming two files when they differ (8- and
-    16-bit data pooled would need two intensity windows)."""
+    """The dtype of the patches (see :func:`patch_format`)."""
+    return patch_format(pairs)[0]
+
+
+def lr_channels(lr: np.ndarray) -> int:
+    """Input channels of an LR patch: 1 for a 2D patch, the page count of a stack."""
+    return 1 if lr.ndim == 2 else int(lr.shape[0])
+
+
+def patch_format(pairs: Sequence[Pair]) -> tuple[str, int]:
+    """(dtype, LR channels) of the patches: read from the LR and HR patch of the first pair of
+    each scan in each pair folder (not every patch); UserError naming two files when they
+    differ (8- and 16-bit data pooled would need two intensity windows; 2D and 2.5D patches,
+    two networks)."""
     # per scan, not per folder: a folder made by hand or by an older `pair` may mix dtypes,
     # and a scan left out of the window estimate (a val scan) would be scaled silently wrong
     first: dict[tuple[Path, str], Pair] = {}
     for p in pairs:
         first.setdefault((p.folder, p.scan_id), p)
     found = _DtypeCheck()
+    channels: tuple[Path, int] | None = None
     for p in first.values():
-        for path in (p.lr_path, p.hr_path):
-            found.add(path, _read_patch(path).dtype)
-    return found.dtype
+        lr = _read_patch(p.lr_path)
+        found.add(p.lr_path, lr.dtype)
+        found.add(p.hr_path, _read_patch(p.hr_path).dtype)
+        if lr_channels(lr) % 2 == 0:
+            raise UserError(f"LR patch of {lr_channels(lr)} slices: a 2.5D patch holds the "
+                            "slice and as many neighbours on each side (an odd count)",
+                            p.lr_path)
+        if channels is None:
+            channels = (p.lr_path, lr_channels(lr))
+        elif lr_channels(lr) != channels[1]:
+            raise UserError(f"mixed LR patch depths: {channels[0]} has {channels[1]} slice(s), "
+                            f"{p.lr_path} has {lr_channels(lr)}; pair every scan with the same "
+                            "--context")
+    return found.dtype, (channels[1] if channels else 1)
 
 
 class _DtypeCheck:
@@ -217,12 +242,13 @@ def save_split(split: dict, path: str | Path) -> None:
 
 
 def augment_pair(lr: np.ndarray, hr: np.ndarray, code: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetry ``code`` in 0..7: rotate by 90 * (code % 4) degrees, then flip if code >= 4.
-    Rotations and flips keep the SR grid (LR pixel i covers HR [8i, 8i+8))."""
+    """Symmetry ``code`` in 0..7: rotate by 90 * (code % 4) degrees, then flip if code >= 4,
+    in the last two axes (every page of a 2.5D LR stack alike). Rotations and flips keep the
+    SR grid (LR pixel i covers HR [8i, 8i+8))."""
     k, flip = code % 4, code >= 4
-    lr, hr = np.rot90(lr, k), np.rot90(hr, k)
+    lr, hr = np.rot90(lr, k, axes=(-2, -1)), np.rot90(hr, k, axes=(-2, -1))
     if flip:
-        lr, hr = lr[:, ::-1], hr[:, ::-1]
+        lr, hr = lr[..., ::-1], hr[..., ::-1]
     return lr, hr
 
 
@@ -277,7 +303,8 @@ def worker_batches(loader: DataLoader) -> Iterator:
 
 
 class PatchDataset(Dataset):
-    """LR/HR pairs of the given scans as float32 tensors (1, h, w) / (1, f*h, f*w) in [0, 1]
+    """LR/HR pairs of the given scans as float32 tensors (C, h, w) / (1, f*h, f*w) in [0, 1]
+    (C = 1, or the page count of 2.5D LR stacks)
     after the intensity ``window`` (lo, hi); items are indexed by ``i`` or ``(i, code)`` or
     ``(i, code, gray_seed)`` where ``code`` is an :func:`augment_pair` symmetry (applied only
     when ``augment``) and ``gray_seed`` draws a :func:`gray_transform` (with probability
@@ -302,15 +329,20 @@ class PatchDataset(Dataset):
         """The stored LR and HR arrays of pair ``i`` (native dtype), shapes checked."""
         p = self.pairs[i]
         lr, hr = _read_patch(p.lr_path), _read_patch(p.hr_path)
-        if lr.ndim != 2 or hr.shape != (lr.shape[0] * self.factor, lr.shape[1] * self.factor):
+        if lr.ndim not in (2, 3):
+            raise UserError(f"LR patch of shape {lr.shape}: expected 2D, or a stack of slices",
+                            p.lr_path)
+        h, w = lr.shape[-2:]
+        if hr.shape != (h * self.factor, w * self.factor):
             raise UserError(f"HR patch {hr.shape} is not {self.factor}x the LR patch "
-                            f"{lr.shape} (2D)", p.hr_path)
+                            f"{(h, w)} (2D)", p.hr_path)
         return lr, hr
 
     def _scale(self, a: np.ndarray) -> torch.Tensor:
         lo, hi = self.window if self.window is not None else (0.0, 1.0)
         x = (np.ascontiguousarray(a, dtype=np.float32) - lo) / max(hi - lo, 1e-12)
-        return torch.from_numpy(np.clip(x, 0.0, 1.0))[None]
+        x = torch.from_numpy(np.clip(x, 0.0, 1.0))
+        return x[None] if x.ndim == 2 else x
 
     def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         i, code, gray_seed = ((key, 0, None) if isinstance(key, (int, np.integer))

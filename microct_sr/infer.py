@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .volume.base import finite_slices
+from .volume.base import context_index, finite_slices
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -293,14 +293,29 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
 
 
 def _reader(volume, batch_size: int, lo: float, hi: float, q: queue.Queue,
-            stop: threading.Event) -> None:
-    """Thread: read ``batch_size`` slices at a time, normalise, queue them; then _DONE."""
+            stop: threading.Event, context: int = 0) -> None:
+    """Thread: read ``batch_size`` slices at a time, normalise, queue them as (n, C, h, w)
+    network inputs (C = 2 * context + 1: each slice with its neighbours); then _DONE. The
+    neighbours read for one batch are kept for the next, so every slice is read once."""
     try:
         nz = volume.shape[0]
+        held, held_z0 = None, 0  # normalised slices [held_z0, held_z0 + len(held))
         for z0 in range(0, nz, batch_size):
-            slices = finite_slices(volume.read(z0, min(z0 + batch_size, nz)), volume.path, z0,
-                                   "; replace them (e.g. with the background value) first")
-            if not _put(q, normalise(slices, lo, hi), stop):
+            z1 = min(z0 + batch_size, nz)
+            need0, need1 = max(0, z0 - context), min(nz, z1 + context)
+            have1 = need0 if held is None else held_z0 + len(held)
+            parts = [] if held is None or have1 <= need0 else [held[need0 - held_z0:]]
+            if need1 > have1:
+                slices = finite_slices(volume.read(have1, need1), volume.path, have1,
+                                       "; replace them (e.g. with the background value) first")
+                parts.append(normalise(slices, lo, hi))
+            held = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            held_z0 = need0
+            if context == 0:
+                batch = held[:, None]
+            else:
+                batch = held[context_index(z0, z1, context, nz) - need0]
+            if not _put(q, batch, stop):
                 return
         _put(q, _DONE, stop)
     except BaseException as e:  # handed to the calling thread
@@ -322,6 +337,16 @@ def _writer(writer, lo: float, hi: float, dtype: np.dtype, q: queue.Queue,
         stop.set()
 
 
+def input_context(model: nn.Module) -> int:
+    """Neighbour slices on each side that ``model`` takes with each LR slice (0: 2D; k: its
+    ``config.in_channels`` is 2k + 1, a 2.5D model trained on ``pair --context k`` patches)."""
+    channels = int(getattr(getattr(model, "config", None), "in_channels", 1))
+    if channels < 1 or channels % 2 == 0:
+        raise UserError(f"the model takes {channels} input channels: expected 1 (one LR slice) "
+                        "or an odd number (a slice and as many neighbours on each side)")
+    return (channels - 1) // 2
+
+
 def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
                    window: tuple[float, float] | None = None, batch_size: int | None = None,
                    tile: int = 0, tile_overlap: int = 16, device: str = "auto",
@@ -333,7 +358,9 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
     volume: a :class:`~microct_sr.volume.Volume` (``.shape``, ``.dtype``, ``.read(z0, z1)``).
     writer: a :class:`~microct_sr.volume.VolumeWriter` for (z, s*y, s*x) in the input dtype;
         the caller closes it (or aborts it on error).
-    model: a generator in eval mode; moved to ``device`` (and channels_last) in place.
+    model: a generator in eval mode; moved to ``device`` (and channels_last) in place. A 2.5D
+        model (``config.in_channels`` = 2k + 1) gets each slice with k neighbours on each
+        side (:func:`context_index`).
     intensity: the checkpoint's ``{"window": [lo, hi], "dtype"}``; ``window`` overrides it.
     batch_size: slices per forward pass (Z batching); None: :func:`default_batch_size`.
         tile / tile_overlap: LR pixels per tile side and the overlap between tiles (tile 0 =
@@ -362,6 +389,7 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
     prec = resolve_precision(precision, dev)
     lo, hi = resolve_window(intensity, window, volume.dtype)
     scale = int(getattr(getattr(model, "config", None), "scale", 8))
+    context = input_context(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=dev, memory_format=fmt).eval()
     state = PrecisionState()
@@ -377,8 +405,8 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
     out_q: queue.Queue = queue.Queue(maxsize=queue_size)
     stop, errors = threading.Event(), []
     bar = progress(total=nz, desc="upscale", unit="slice", quiet=quiet)
-    threads = [threading.Thread(target=_reader, args=(volume, batch_size, lo, hi, in_q, stop),
-                                name="microct-sr-reader", daemon=True),
+    threads = [threading.Thread(target=_reader, name="microct-sr-reader", daemon=True,
+                                args=(volume, batch_size, lo, hi, in_q, stop, context)),
                threading.Thread(target=_writer, name="microct-sr-writer", daemon=True,
                                 args=(writer, lo, hi, np.dtype(volume.dtype), out_q, stop,
                                       errors, bar))]
@@ -396,7 +424,7 @@ def upscale_volume(volume, writer, model: nn.Module, *, intensity: dict,
                 if item is _DONE:
                     break
                 tc = time.perf_counter()
-                x = torch.from_numpy(item)[:, None].to(dev, non_blocking=True)
+                x = torch.from_numpy(item).to(dev, non_blocking=True)
                 if tile and (tile < x.shape[-2] or tile < x.shape[-1]):
                     y = tiled_forward(forward, x, scale=scale, tile=tile, overlap=tile_overlap,
                                       output_device=out_dev)

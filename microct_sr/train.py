@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint, load_model, save_model
 from .data import (SPLIT_FILE, IterationBatchSampler, PatchDataset, estimate_window, load_split,
-                   lr_pixel_range, make_split, patch_dtype, read_pairs, save_split, worker_batches)
+                   lr_pixel_range, make_split, patch_format, read_pairs, save_split, worker_batches)
 from .errors import UserError
 from .losses import (VGGPerceptualLoss, l1_loss, mse_loss, ragan_d_loss, ragan_g_loss,
                      resolve_vgg_weights)
@@ -512,6 +512,13 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def _slices(channels: int) -> str:
+    """"1 LR slice" / "3 LR slices (2.5D, --context 1)" for messages."""
+    if channels == 1:
+        return "1 LR slice"
+    return f"{channels} LR slices (2.5D, --context {(channels - 1) // 2})"
+
+
 def _psnr(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
     """Per-patch PSNR in dB of images in [0, 1]."""
     mse = ((sr - hr) ** 2).flatten(1).mean(1).clamp_min(1e-10)
@@ -568,7 +575,8 @@ class _Trainer:
     def _setup_data(self, resume_ckpt: dict | None) -> None:
         cfg = self.cfg
         pairs = read_pairs(cfg.data)
-        dtype = patch_dtype(pairs)  # one patch per scan: mixed 8/16-bit data is refused
+        # one patch per scan: mixed 8/16-bit data, or 2D and 2.5D patches, are refused
+        dtype, self.in_channels = patch_format(pairs)
         if resume_ckpt is not None and dtype != resume_ckpt["intensity"]["dtype"]:
             raise UserError(f"the patches are {dtype}, the run trained on "
                             f"{resume_ckpt['intensity']['dtype']}", cfg.data[0])
@@ -628,10 +636,17 @@ class _Trainer:
             self.model = self.init_model.train()
         else:
             try:
-                self.model_config = preset(cfg.arch, cfg.preset, **cfg.model_overrides)
+                self.model_config = preset(cfg.arch, cfg.preset, in_channels=self.in_channels,
+                                           **cfg.model_overrides)
                 self.model = build_model(self.model_config)
             except (TypeError, ValueError) as e:
                 raise UserError(f"bad model options: {e}") from e
+        if self.model_config.in_channels != self.in_channels:
+            source = cfg.init if resume_ckpt is None else self.run_dir
+            raise UserError(f"the model takes {_slices(self.model_config.in_channels)} per "
+                            f"patch, the --data patches have {_slices(self.in_channels)}: pair "
+                            f"with --context {(self.model_config.in_channels - 1) // 2} "
+                            "(or train a new model on these patches)", source)
         self.model.to(self.device).train()
         self.ema = WeightEMA(self.model, cfg.ema) if cfg.ema else None  # after --init/resume
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -840,7 +855,9 @@ class _Trainer:
             with self._autocast():
                 sr = net(lr)
             psnrs.append(_psnr(sr.float().clamp(0, 1), hr))
-            up = F.interpolate(lr, scale_factor=self.model_config.scale, mode="bicubic",
+            centre = lr.shape[1] // 2  # the LR slice itself of a 2.5D stack
+            up = F.interpolate(lr[:, centre:centre + 1], scale_factor=self.model_config.scale,
+                               mode="bicubic",
                                align_corners=False)
             bic.append(_psnr(up.clamp(0, 1), hr))
         self.model.train()  # the EMA copy stays in eval mode

@@ -30,8 +30,11 @@ def bone_volume(seed: int = 0) -> np.ndarray:
 
 
 def make_pair_folder(out: Path, scan_ids: list[str], patches_per_scan: int = 4,
-                     lr_patch: int = 8, factor: int = 8, seed: int = 0) -> Path:
-    """Write lr/, hr/, pairs.csv for ``scan_ids`` (each from its own Z range of the volume)."""
+                     lr_patch: int = 8, factor: int = 8, seed: int = 0,
+                     context: int = 0) -> Path:
+    """Write lr/, hr/, pairs.csv for ``scan_ids`` (each from its own Z range of the volume);
+    with ``context`` > 0 each LR patch is a (2 * context + 1)-page stack of the LR of HR slices
+    ``factor`` apart (clamped at the volume's ends), as `pair --context` cuts them."""
     vol = bone_volume(seed)
     rng = np.random.default_rng(seed)
     hp = lr_patch * factor
@@ -44,11 +47,14 @@ def make_pair_folder(out: Path, scan_ids: list[str], patches_per_scan: int = 4,
             z = int(rng.choice(z_range))
             y, x = (int(v) for v in rng.integers(0, vol.shape[1] - hp, 2))
             hr = vol[z, y:y + hp, x:x + hp]
-            blurred = ndimage.gaussian_filter(hr.astype(np.float32), 3.0)
-            lr = blurred.reshape(lr_patch, factor, lr_patch, factor).mean(axis=(1, 3))
+            zs = np.clip(z + factor * np.arange(-context, context + 1), 0, len(vol) - 1)
+            blurred = ndimage.gaussian_filter(vol[zs, y:y + hp, x:x + hp].astype(np.float32),
+                                              (0, 3.0, 3.0))
+            lr = blurred.reshape(len(zs), lr_patch, factor, lr_patch, factor).mean(axis=(2, 4))
             lr = np.clip(lr + rng.normal(0, 3, lr.shape), 0, 255).round().astype(np.uint8)
+            lr = lr[0] if context == 0 else lr
             pid = f"{scan}_{n:05d}"
-            tifffile.imwrite(out / "lr" / f"{pid}.tif", lr)
+            tifffile.imwrite(out / "lr" / f"{pid}.tif", lr, photometric="minisblack")
             tifffile.imwrite(out / "hr" / f"{pid}.tif", hr)
             rows.append({"patch_id": pid, "scan_id": scan, "lr_slice": z // factor,
                          "hr_slice": z, "lr_x": x // factor, "lr_y": y // factor, "hr_x": x,

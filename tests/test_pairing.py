@@ -659,3 +659,109 @@ def test_scan_of_another_dtype_is_refused_by_a_shared_pair_folder(run_cli, tmp_p
         assert {row["scan_id"] for row in csv.DictReader(fh)} == {"rat1"}
     r = run_cli("pair", lr8, hr8, out, "--scan-id", "rat1", "--overwrite", *args)
     assert r.exit_code == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- 2.5D context
+def _rows(out: Path) -> list[dict]:
+    import csv
+
+    with open(out / "pairs.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_context_pages_are_the_neighbour_slices(run_cli, phantom_pair, tmp_path):
+    """--context 1: every LR patch is (3, p, p), page 1 is byte for byte the --context 0 patch
+    of the same run, pages 0..2 are the same window of LR slices k-1, k, k+1 (clamped at the
+    first slice); HR patches and pairs.csv are unchanged; registration.json records the
+    context. --context 0 writes exactly what the default does (2D LR patches)."""
+    import tifffile
+
+    from microct_sr.volume import open_volume
+
+    p, dirs = 8, {}
+    for name, extra in (("default", ()), ("c0", ("--context", "0")), ("c1", ("--context", "1"))):
+        dirs[name] = tmp_path / name
+        res = _run_pair(run_cli, phantom_pair, dirs[name], "--min-ncc", "-1", "--json",
+                        "--scan-id", "rat", *extra)
+        assert res.exit_code == 0, res.stderr
+        assert json.loads(res.stdout)["registration"]["context"] == int(name == "c1")
+    assert _listing(dirs["c0"]) == _listing(dirs["default"])      # (4) unchanged output
+    rows = _rows(dirs["c1"])
+    assert rows == _rows(dirs["c0"]) and len(rows) >= 10
+    for name, n in (("c0", 0), ("c1", 1)):
+        regs = json.loads((dirs[name] / "registration.json").read_text())
+        assert [g["context"] for g in regs] == [n]
+    with open_volume(phantom_pair.lr) as lv:
+        lr_vol = lv.read(0, lv.shape[0])
+    assert 0 in {int(r["lr_slice"]) for r in rows}   # a patch on the first slice: clamping
+    for r in rows:
+        pid, k = r["patch_id"], int(r["lr_slice"])
+        j0, i0 = round(float(r["lr_x"]) - p / 2), round(float(r["lr_y"]) - p / 2)
+        flat = tifffile.imread(dirs["c0"] / "lr" / f"{pid}.tif")
+        with tifffile.TiffFile(dirs["c1"] / "lr" / f"{pid}.tif") as tif:
+            assert len(tif.pages) == 3
+            stack = tif.asarray()
+        assert flat.shape == (p, p) and stack.shape == (3, p, p) and stack.dtype == flat.dtype
+        np.testing.assert_array_equal(stack[1], flat)
+        want = [lr_vol[min(max(z, 0), len(lr_vol) - 1), i0:i0 + p, j0:j0 + p]
+                for z in (k - 1, k, k + 1)]
+        np.testing.assert_array_equal(stack, np.stack(want))
+        assert (dirs["c1"] / "hr" / f"{pid}.tif").read_bytes() == \
+            (dirs["c0"] / "hr" / f"{pid}.tif").read_bytes()
+
+
+def test_lr_stack_clamps_and_reads_each_slice_once():
+    """The reader's neighbour stack repeats the edge slices and, walking the slices in order,
+    reads each LR slice from the volume once (its small LR cache)."""
+    from microct_sr.pairing import _Reader
+    from microct_sr.volume.base import context_index
+
+    def clamped_slices(k, n, nz):
+        return context_index(k, k + 1, n, nz)[0].tolist()
+
+    assert clamped_slices(0, 2, 5) == [0, 0, 0, 1, 2]
+    assert clamped_slices(4, 2, 5) == [2, 3, 4, 4, 4]
+    assert clamped_slices(0, 1, 1) == [0, 0, 0]
+    vol = np.arange(5 * 3 * 4, dtype=np.uint16).reshape(5, 3, 4)
+    lv = ArrayVolume(vol)
+    reader = _Reader(lv, ArrayVolume(vol), lr_cache_slices=2 * 5 + 2)
+    for k in range(5):
+        np.testing.assert_array_equal(reader.lr_stack(k, 2), vol[clamped_slices(k, 2, 5)])
+    assert sorted(z for z0, z1 in lv.reads for z in range(z0, z1)) == list(range(5))
+    uncached = _Reader(ArrayVolume(vol), ArrayVolume(vol))
+    np.testing.assert_array_equal(uncached.lr_stack(4, 1), vol[[3, 4, 4]])
+
+
+def test_mixing_contexts_in_one_folder_is_refused(run_cli, phantom_pair, tmp_path):
+    """train reads the LR page count as the model's input channels: a scan paired with another
+    --context than the folder's other scans is refused (exit 2, naming registration.json)
+    before any work; an entry without "context" (older folders) counts as 0; re-pairing the
+    folder's only scan with another context is allowed."""
+    out = tmp_path / "ds"
+    motion = ("--min-ncc", "-1", "--motion-from", phantom_pair.lr / "simulation.json", "--quiet")
+    assert _run_pair(run_cli, phantom_pair, out, "--scan-id", "a", "--context", "1",
+                     *motion).exit_code == 0
+    before = _listing(out)
+    for n in ("0", "2"):
+        r = _run_pair(run_cli, phantom_pair, out, "--scan-id", "b", "--context", n, *motion)
+        assert r.exit_code == 2, r.stderr
+        assert f"{out / 'registration.json'}:" in r.stderr and "--context 1" in r.stderr
+        assert "Traceback" not in r.stderr and "give --context 1" in r.stderr
+    assert _listing(out) == before
+    assert _run_pair(run_cli, phantom_pair, out, "--scan-id", "b", "--context", "1",
+                     *motion).exit_code == 0
+    # without registration.json the page count of another scan's LR patch decides
+    (out / "registration.json").unlink()
+    r = _run_pair(run_cli, phantom_pair, out, "--scan-id", "c", *motion)
+    assert r.exit_code == 2 and f"{out / 'lr' / 'a_00000.tif'}: " in r.stderr, r.stderr
+    assert "3 page(s)" in r.stderr and not list((out / "lr").glob("c_*"))
+    # an older folder: no "context" key means 0
+    old = tmp_path / "old"
+    assert _run_pair(run_cli, phantom_pair, old, "--scan-id", "a", *motion).exit_code == 0
+    regs = json.loads((old / "registration.json").read_text())
+    (old / "registration.json").write_text(json.dumps([{k: v for k, v in g.items()
+                                                        if k != "context"} for g in regs]))
+    r = _run_pair(run_cli, phantom_pair, old, "--scan-id", "b", "--context", "1", *motion)
+    assert r.exit_code == 2 and "--context 0" in r.stderr, r.stderr
+    assert _run_pair(run_cli, phantom_pair, old, "--scan-id", "a", "--overwrite", "--context",
+                     "1", *motion).exit_code == 0

@@ -68,6 +68,9 @@ def _refuse_writing_over_inputs(out_dir: Path, inputs: list[str | Path | None]) 
               help="LR voxel size in um (one value or Z,Y,X); overrides the file's metadata.")
 @click.option("--hr-spacing-um", callback=_spacing, default=None,
               help="HR voxel size in um (one value or Z,Y,X); overrides the file's metadata.")
+@click.option("--context", default=0, show_default=True, type=click.IntRange(0, 8),
+              help="2.5D input: each LR patch file holds LR slices k-N..k+N (2N+1 pages, edge "
+                   "slices repeated); train then uses 2N+1 input channels. HR patches stay 2D.")
 @click.option("--refine-per-slice", is_flag=True,
               help="Polish the scan's transform on each LR slice by NCC (within 1.5 LR px) before "
                    "cutting its patches, for scans that drift; reads every HR slice.")
@@ -83,7 +86,7 @@ def _refuse_writing_over_inputs(out_dir: Path, inputs: list[str | Path | None]) 
 def command(lr: str, hr: str, out_dir: str, factor: int, lr_patch: int, method: str,
             z_search: int, min_ncc: float, max_patches_per_slice: int, n_slices: int,
             scan_id: str | None, qc_png: bool, lr_spacing_um, hr_spacing_um,
-            refine_per_slice: bool, motion_from: str | None, jobs: int,
+            context: int, refine_per_slice: bool, motion_from: str | None, jobs: int,
             seed: int, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Register LR to HR (rotation about Z, in-plane shift, Z offset) and cut LR/HR patch pairs
     into OUT_DIR (lr/, hr/, pairs.csv, registration.json). See docs/pair.md."""
@@ -98,13 +101,14 @@ def command(lr: str, hr: str, out_dir: str, factor: int, lr_patch: int, method: 
         res = pair_scans(lv, hv, out_dir, scan_id=sid, overwrite=overwrite, factor=factor,
                          lr_patch=lr_patch, method=method, z_search=z_search, min_ncc=min_ncc,
                          max_patches_per_slice=max_patches_per_slice, n_slices=n_slices,
-                         qc_png=qc_png, refine_per_slice=refine_per_slice, jobs=jobs,
-                         seed=seed, quiet=quiet, known_motion=known_motion)
+                         qc_png=qc_png, context=context, refine_per_slice=refine_per_slice,
+                         jobs=jobs, seed=seed, quiet=quiet, known_motion=known_motion)
     reg = res["registration"]
+    pages = f", {2 * context + 1} LR pages each" if context else ""
     if as_json:
         emit_json(res)
     else:
         click.echo(f"{sid}: angle {reg['angle_deg']:.3f} deg, shift {reg['shift_um']} um, "
                    f"Z offset {reg['z_offset_hr_slices']} HR slices, {reg['inliers']} inliers "
                    f"on {len(reg['slices_used'])} slices; {res['patches']} patch pairs "
-                   f"(median NCC {res['median_ncc']:.3f}) -> {res['out_dir']}")
+                   f"(median NCC {res['median_ncc']:.3f}{pages}) -> {res['out_dir']}")

@@ -20,6 +20,8 @@ class ModelConfig:
     """Hyper-parameters of a generator. Fields unused by an arch are ignored by it."""
 
     arch: str = "r2rcan"
+    # 1: one LR slice; 2k + 1: the slice and k neighbours on each side (2.5D, `pair --context
+    # k`), stacked as channels, the slice itself in the middle; set by `train` from the data
     in_channels: int = 1
     out_channels: int = 1
     scale: int = 8

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 
 class SRCNN(nn.Module):
-    """(N, 1, h, w) in [0, 1] -> (N, 1, 8h, 8w)."""
+    """(N, C, h, w) in [0, 1] -> (N, 1, 8h, 8w); C = 1, or 2k+1 slices of a 2.5D stack."""
 
     def __init__(self, config):
         super().__init__()
@@ -30,4 +30,5 @@ class SRCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
-        return up + self.body(up)
+        centre = x.shape[1] // 2  # the residual is on the LR slice itself (2.5D: the middle one)
+        return up[:, centre:centre + 1] + self.body(up)

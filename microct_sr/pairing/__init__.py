@@ -32,7 +32,8 @@ The pipeline, :func:`pair_scans`, is in this ``__init__``; each step has its own
 - ``images.py``: the OpenCV/A-KAZE check (``_cv2``), :func:`stretch_u8`, :func:`area_down`,
   :func:`cubic_up`, :func:`ncc`.
 - ``scans.py``: :class:`PairOptions`, ``METHODS``, :func:`check_inputs`, :func:`hr_pixel_um`,
-  the thread-safe slice reader ``_Reader``, :func:`grid_upsample`, :func:`valid_lr_slices`.
+  the thread-safe slice reader ``_Reader`` (``lr_stack``: the ``--context`` neighbours),
+  :func:`grid_upsample`, :func:`valid_lr_slices`.
 - ``keypoints.py``: A-KAZE :func:`detect` (:class:`Features`) and brute-force :func:`match`.
 - ``registration.py``: per-slice fits (:class:`SliceFit`, :func:`fit_ransac`, the paper's
   two-point Eq. 1 :func:`fit_two_point`, :func:`two_point_failure_rate`), the matcher
@@ -41,8 +42,9 @@ The pipeline, :func:`pair_scans`, is in this ``__init__``; each step has its own
   :func:`read_simulated_motion`, :func:`registration_from_motion`.
 - ``patches.py``: :class:`Patch`, :func:`hr_crop`, :func:`slice_patches` (field-of-view and NCC
   screens), :func:`iter_patches`.
-- ``output.py``: the pair folder: ``CSV_COLUMNS``, ``SCAN_ID_RE``, :func:`scan_exists`, the
-  locked per-scan merge of ``pairs.csv``/``registration.json`` and the patch files (``_commit``).
+- ``output.py``: the pair folder: ``CSV_COLUMNS``, ``SCAN_ID_RE``, :func:`scan_exists`,
+  :func:`check_same_dtype`, :func:`check_same_context`, the locked per-scan merge of
+  ``pairs.csv``/``registration.json`` and the patch files (``_commit``).
 - ``qc.py``: the QC picture (``--qc-png``): inlier matches and an LR-over-HR overlay.
 """
 
@@ -72,7 +74,14 @@ from .geometry import (
 )
 from .images import _cv2, area_down, cubic_up, ncc, stretch_u8
 from .keypoints import Features, detect, match
-from .output import CSV_COLUMNS, SCAN_ID_RE, _commit, check_same_dtype, scan_exists
+from .output import (
+    CSV_COLUMNS,
+    SCAN_ID_RE,
+    _commit,
+    check_same_context,
+    check_same_dtype,
+    scan_exists,
+)
 from .patches import Patch, hr_crop, iter_patches, slice_patches
 from .registration import (
     Registration,
@@ -91,6 +100,7 @@ from .registration import (
     z_profile,
 )
 from .scans import (
+    MAX_CONTEXT,
     METHODS,
     PairOptions,
     _path,
@@ -105,6 +115,7 @@ from .scans import (
 __all__ = [
     "CONVENTIONS",
     "CSV_COLUMNS",
+    "MAX_CONTEXT",
     "METHODS",
     "SCAN_ID_RE",
     "Features",
@@ -118,6 +129,7 @@ __all__ = [
     "_Reader",
     "area_down",
     "check_inputs",
+    "check_same_context",
     "combine",
     "coverage_warning",
     "cubic_up",
@@ -161,6 +173,16 @@ def _remove_dead_runs_folders(out_dir: Path) -> None:
     remove_dead_runs(out_dir, re.compile(rf"^{re.escape(TMP_PAIR_PREFIX)}(\d+)-"))
 
 
+def _write_lr_patch(path: Path, lr: np.ndarray) -> None:
+    """A 2D patch as one page (as before ``--context``), a (2N+1, p, p) stack as 2N+1 pages."""
+    import tifffile
+
+    if lr.ndim == 2:
+        tifffile.imwrite(path, lr)
+    else:
+        tifffile.imwrite(path, lr, photometric="minisblack")
+
+
 def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = False,
                known_motion: tuple[float, Sequence[float]] | None = None,
                **options: Any) -> dict:
@@ -186,6 +208,7 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
     check_inputs(lr, hr, opts)
     check_same_dtype(out_dir, scan_id, lr.dtype, hr.dtype, getattr(lr, "path", "LR"),
                      getattr(hr, "path", "HR"))
+    check_same_context(out_dir, scan_id, opts.context)
     if known_motion is None:
         _cv2()
         reg = register(lr, hr, opts, scan_id)
@@ -218,7 +241,7 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
                     totals[k] += v
                 for pt in patches:
                     pid = f"{scan_id}_{len(rows):05d}"
-                    tifffile.imwrite(tmp / "lr" / f"{pid}.tif", pt.lr)
+                    _write_lr_patch(tmp / "lr" / f"{pid}.tif", pt.lr)
                     tifffile.imwrite(tmp / "hr" / f"{pid}.tif", pt.hr)
                     rows.append({"patch_id": pid, "scan_id": scan_id, "lr_slice": pt.lr_slice,
                                  "hr_slice": pt.hr_slice, "lr_x": f"{pt.lr_x:g}",
@@ -232,6 +255,7 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
                 f"outside a field of view, {totals['low_ncc']} below --min-ncc {opts.min_ncc}; "
                 "the fields of view may barely overlap or --lr-patch is too large", _path(lr))
         reg_json["patches"] = len(rows)
+        reg_json["context"] = opts.context
         if opts.qc_png:
             from .qc import write_qc_png
 

@@ -71,6 +71,44 @@ def check_same_dtype(out_dir: Path, scan_id: str, lr_dtype: object, hr_dtype: ob
                             "pair it into another folder or convert the scan", scan)
 
 
+def check_same_context(out_dir: Path, scan_id: str, context: int) -> None:
+    """UserError when OUT_DIR already holds another scan paired with another ``--context``
+    (its registration.json entry's ``context``, 0 when absent; for a scan without an entry, the
+    page count of its first LR patch): ``train`` reads the LR page count (2N+1) as the model's
+    input channels, so one folder holds one context. Checked before any work."""
+    import tifffile
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    rows, regs = _read_index(out_dir)
+    for g in regs:
+        have = g.get("context", 0)
+        if g.get("scan_id") != scan_id and have != context:
+            raise UserError(f"scan {g.get('scan_id')!r} in it was paired with --context {have}, "
+                            f"this one with --context {context}; {_one_context(have)}",
+                            out_dir / "registration.json")
+    known = {g.get("scan_id") for g in regs} | {scan_id}
+    other = next((r for r in rows if r.get("scan_id") not in known), None)
+    if other is None:
+        return
+    patch = out_dir / "lr" / f"{other['patch_id']}.tif"
+    try:
+        with tifffile.TiffFile(patch) as tif:
+            pages = len(tif.pages)
+    except (OSError, ValueError, tifffile.TiffFileError):
+        return  # train reports unreadable patches itself
+    if pages != 2 * context + 1:
+        raise UserError(f"this LR patch of {out_dir} has {pages} page(s), but --context "
+                        f"{context} makes {2 * context + 1}; {_one_context((pages - 1) // 2)}",
+                        patch)
+
+
+def _one_context(have: object) -> str:
+    return ("train reads the LR page count (2N+1) as the model's input channels and needs one "
+            f"context per folder: give --context {have} or pair into another folder")
+
+
 def _atomic_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -102,6 +140,7 @@ def _merge(out_dir: Path, tmp: Path, scan_id: str, rows: list[dict], reg: dict,
     if not overwrite and scan_exists(out_dir, scan_id):
         raise UserError(f"scan id {scan_id!r} is already in {out_dir}; use --overwrite to "
                         "replace it or choose another --scan-id", out_dir)
+    check_same_context(out_dir, scan_id, reg.get("context", 0))  # a run that merged meanwhile
     keep = [r for r in old_rows if r.get("scan_id") != scan_id]
     if len(keep) < len(old_rows):
         _atomic_text(out_dir / "pairs.csv", _csv_text(keep))

@@ -19,6 +19,8 @@ from .scans import PairOptions, _Reader, valid_lr_slices
 
 @dataclass
 class Patch:
+    """One LR/HR pair; ``lr`` is (p, p), or (2N+1, p, p) with ``--context N`` (centre page N)."""
+
     lr_slice: int
     hr_slice: int
     lr_x: float
@@ -57,11 +59,12 @@ def _hr_corners_inside(rigid: Rigid, j0: int, i0: int, p: int, hr_shape: tuple[i
 
 
 def slice_patches(lr_slice: np.ndarray, hr_slice: np.ndarray, k: int, hr_k: int, rigid: Rigid,
-                  opts: PairOptions, u: int, points: np.ndarray | None = None
-                  ) -> tuple[list[Patch], dict[str, int]]:
+                  opts: PairOptions, u: int, points: np.ndarray | None = None,
+                  lr_pages: np.ndarray | None = None) -> tuple[list[Patch], dict[str, int]]:
     """Candidate centres (A-KAZE keypoints of the LR slice, strongest first), kept when both
     crops lie inside their fields of view, the NCC passes and no kept patch is closer than
-    half a patch."""
+    half a patch. With ``lr_pages`` (the LR slices around ``lr_slice``, (2N+1, Y, X)) the LR
+    patch is the same window cut from every page; the screens use ``lr_slice`` alone."""
     p, f = opts.lr_patch, opts.factor
     stats = {"candidates": 0, "outside": 0, "low_ncc": 0, "duplicates": 0}
     if points is None:
@@ -89,7 +92,8 @@ def slice_patches(lr_slice: np.ndarray, hr_slice: np.ndarray, k: int, hr_k: int,
             stats["low_ncc"] += 1
             continue
         hx, hy = rigid.lr_to_hr(np.array([[cx, cy]]))[0]
-        kept.append(Patch(k, hr_k, cx, cy, float(hx), float(hy), score, lr_c.copy(), hr_c,
+        lr_out = lr_c if lr_pages is None else lr_pages[:, i0:i0 + p, j0:j0 + p]
+        kept.append(Patch(k, hr_k, cx, cy, float(hx), float(hy), score, lr_out.copy(), hr_c,
                           rigid))
         if len(kept) >= opts.max_patches_per_slice:
             break
@@ -98,9 +102,10 @@ def slice_patches(lr_slice: np.ndarray, hr_slice: np.ndarray, k: int, hr_k: int,
 
 def iter_patches(lr, hr, reg: Registration, opts: PairOptions,
                  on_slice: Callable[[], None] | None = None) -> Iterable[tuple[list[Patch], dict]]:
-    """Patches of every LR slice whose HR slab lies inside HR, in slice order (2 threads)."""
-    f, z0 = opts.factor, reg.z_offset
-    reader = _Reader(lr, hr)
+    """Patches of every LR slice whose HR slab lies inside HR, in slice order (2 threads).
+    With ``opts.context`` N > 0 each LR patch holds LR slices k-N .. k+N (clamped)."""
+    f, z0, n = opts.factor, reg.z_offset, opts.context
+    reader = _Reader(lr, hr, lr_cache_slices=2 * (2 * n + 1) + opts.jobs if n else 0)
     ks = valid_lr_slices(lr.shape[0], hr.shape[0], f, z0, z0)
 
     def one(k: int):
@@ -109,8 +114,10 @@ def iter_patches(lr, hr, reg: Registration, opts: PairOptions,
         if opts.refine_per_slice:
             rigid = refine_ncc(reader, [k], rigid, z0, lr.shape[1:], max_change_lr_px=1.5,
                                warn=False)
-        out = slice_patches(reader.lr_slice(k), reader.hr_slices(hr_k, hr_k + 1)[0], k, hr_k,
-                            rigid, opts, reg.grid_upsample)
+        pages = reader.lr_stack(k, n) if n else None
+        lr_k = reader.lr_slice(k) if pages is None else pages[n]
+        out = slice_patches(lr_k, reader.hr_slices(hr_k, hr_k + 1)[0], k, hr_k, rigid, opts,
+                            reg.grid_upsample, lr_pages=pages)
         if on_slice:
             on_slice()
         return out

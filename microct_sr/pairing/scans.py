@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
+from ..volume.base import context_index
 from .images import area_down
 
 METHODS = ("ransac", "two-point")
@@ -41,21 +42,48 @@ class PairOptions:
     seed: int = 0
     quiet: bool = False
     qc_png: bool = False
+    context: int = 0  # LR neighbours on each side in an LR patch file (2.5D): 2N+1 pages
+
+
+MAX_CONTEXT = 8
 
 
 class _Reader:
     """Thread-safe slice access to the two volumes (volume readers need not be thread safe),
-    with an LRU cache of area-downsampled HR slices (the registration revisits them)."""
+    with an LRU cache of area-downsampled HR slices (the registration revisits them) and a
+    small one of LR slices (``--context`` patches revisit each slice's neighbours)."""
 
-    def __init__(self, lr, hr, cache_mb: int = 384):
+    def __init__(self, lr, hr, cache_mb: int = 384, lr_cache_slices: int = 0):
         self.lr, self.hr = lr, hr
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._bytes, self._max_bytes = 0, cache_mb * 2 ** 20
+        self._lr_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lr_cache_slices = lr_cache_slices
 
     def lr_slice(self, k: int) -> np.ndarray:
         with self._lock:
             return np.asarray(self.lr.read(k, k + 1))[0]
+
+    def lr_stack(self, k: int, n: int) -> np.ndarray:
+        """LR slices k-n .. k+n as a (2n+1, Y, X) array, indices clamped to the volume (edge
+        slices repeated). Slices missing from the small LR cache (``lr_cache_slices``, most
+        recent kept) are read in one block, so neighbouring ``k`` read each slice about once."""
+        idx = context_index(k, k + 1, n, self.lr.shape[0])[0].tolist()
+        with self._lock:
+            missing = [z for z in idx if z not in self._lr_cache]
+            read: dict[int, np.ndarray] = {}
+            if missing:
+                z0, z1 = min(missing), max(missing) + 1
+                block = np.asarray(self.lr.read(z0, z1))
+                read = {z: block[z - z0] for z in range(z0, z1)}
+            have = {z: read[z] if z in read else self._lr_cache[z] for z in dict.fromkeys(idx)}
+            for z, img in have.items():
+                self._lr_cache[z] = img
+                self._lr_cache.move_to_end(z)
+            while len(self._lr_cache) > self._lr_cache_slices:
+                self._lr_cache.popitem(last=False)
+        return np.stack([have[z] for z in idx])
 
     def hr_slices(self, z0: int, z1: int) -> np.ndarray:
         with self._lock:
@@ -140,6 +168,8 @@ def check_inputs(lr, hr, opts: PairOptions) -> None:
                 f"--factor {f}; give --factor {round(ratio)} or fix the spacing", _path(lr))
     if hr.shape[0] < f:
         raise UserError(f"HR has {hr.shape[0]} slices, fewer than one LR slice ({f})", _path(hr))
+    if not 0 <= opts.context <= MAX_CONTEXT:
+        raise UserError(f"--context {opts.context} must be 0 to {MAX_CONTEXT}")
     p = opts.lr_patch
     if p < 4 or p % 2 or p > min(lr.shape[1:]):
         raise UserError(f"--lr-patch {p} must be even, >= 4 and fit in the LR slice "

@@ -60,6 +60,14 @@ def to_dtype(x: np.ndarray, dtype: Any) -> np.ndarray:
 # Checks every reader shares
 # --------------------------------------------------------------------------------------------
 
+def context_index(z0: int, z1: int, context: int, nz: int) -> np.ndarray:
+    """(z1 - z0, 2 * context + 1) slice indices of the 2.5D stacks of slices z0 .. z1 - 1:
+    each slice and ``context`` neighbours on each side, clamped to [0, nz) at the volume's
+    ends (edge replication, as ``pair --context`` cuts its training patches)."""
+    offsets = np.arange(-context, context + 1)
+    return np.clip(np.arange(z0, z1)[:, None] + offsets[None, :], 0, nz - 1)
+
+
 def finite_slices(block: np.ndarray, path: Any, z0: int, hint: str = "") -> np.ndarray:
     """``block`` (one slice or slices of the volume at ``path``, from slice ``z0``) as it is;
     UserError naming ``path`` and the first slice holding NaN or Inf (a float export's masked

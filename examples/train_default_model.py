@@ -23,14 +23,18 @@ Stages (each skips work whose output exists, so the script can be re-run after a
             the heavily smoothed ones: the third default model.
   gray      the same again, initialised from the third model, on every training scan, with
             gray-level augmentation (`train --gray-augment`) and an EMA of the weights: the
-            fourth (weights/MODEL_CARD.md says which model is shipped and why).
+            fourth default model.
+  context   the fifth model (the shipped one): the fourth widened to 2.5D input (each LR slice
+            with its two neighbours; `widen_input`, neighbour weights starting at zero) and
+            fine-tuned like the fourth on the same patches cut as 3-slice stacks
+            (`context_pairs`, what `pair --context 1` cuts).
   near      (not run by default) the fourth model fine-tuned further with two near-nominal scans
             per training volume added (180-300 views, Hamming or Hann, smoothing 0.2-0.9; they
             are simulated and paired with the others): a candidate, not shipped (model card).
   evaluate  `microct-sr upscale` + `microct-sr evaluate` against bicubic on every held-out scan.
 
 Usage: python examples/train_default_model.py WORK_DIR
-       [--stages hr,simulate,pair,train,finetune,scaled,gray,evaluate] [--iters N]
+       [--stages hr,simulate,pair,train,finetune,scaled,gray,context,evaluate] [--iters N]
        [--finetune-iters N] [--scaled-iters N] [--gray-iters N] [--near-iters N]
 """
 
@@ -336,13 +340,13 @@ def pair_all(work: Path, scans: list[dict]) -> None:
 
 def train(work: Path, iters: int, preset: str, *, pixel_loss: str = "l1",
           init: Path | None = None, split: str = "split_l1.json", name: str = "",
-          extra: tuple[str, ...] = (), pick_best: bool = True) -> Path:
+          extra: tuple[str, ...] = (), pick_best: bool = True, data: str = "pairs") -> Path:
     """The L1 stage (the first default model: from scratch, lr 2e-4, the first settings only)
     or, with ``init``, a fine-tuning stage (lr 1e-4) on the scans of ``split``; ``extra``
     options go to `microct-sr train`. Returns the best validation checkpoint as a model file,
     or with ``pick_best`` False the run's model.pt (an EMA run's final average)."""
     run_dir = work / f"run_{preset}{name}"
-    cmd = ["microct-sr", "train", "--stage", "psnr", "--data", str(work / "pairs"),
+    cmd = ["microct-sr", "train", "--stage", "psnr", "--data", str(work / data),
            "--out", str(run_dir), "--arch", "r2rcan", "--preset", preset, "--iters", str(iters),
            "--batch-size", "16", "--lr", "2e-4" if init is None else "1e-4",
            "--pixel-loss", pixel_loss, "--val-every", "250", "--save-every", "250",
@@ -430,6 +434,82 @@ def add_refinement(src: Path, dst: Path) -> Path:
                       provenance={**ckpt["provenance"], "refined_from": str(src)})
 
 
+def context_pairs(work: Path, scans: list[dict], context: int) -> Path:
+    """work/pairs_ctx<k>: the pair folder work/pairs with every LR patch replaced by its 2.5D
+    stack (the patch's LR slice and ``context`` neighbours on each side, clamped at the
+    volume's ends): what `pair --context k` cuts, here without registering every scan again
+    (an LR patch is a plain crop, LR[lr_slice, lr_y - p/2 : lr_y + p/2, lr_x - p/2 : ...]).
+    HR patches are hard links to work/pairs'."""
+    import csv
+
+    import tifffile
+
+    from microct_sr.infer import context_index
+    from microct_sr.volume import open_volume
+
+    src, dst = work / "pairs", work / f"pairs_ctx{context}"
+    if (dst / "pairs.csv").exists():
+        return dst
+    tmp = work / f".pairs_ctx{context}.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    (tmp / "lr").mkdir(parents=True)
+    (tmp / "hr").mkdir()
+    with open(src / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    lr_of = {s["scan_id"]: s["lr"] for s in scans}
+    by_scan: dict[str, list[dict]] = {}
+    for r in rows:
+        by_scan.setdefault(r["scan_id"], []).append(r)
+    for scan_id, scan_rows in by_scan.items():
+        vol = open_volume(lr_of[scan_id])
+        lr = np.asarray(vol.read(0, vol.shape[0]))
+        for r in scan_rows:
+            flat = tifffile.imread(src / "lr" / f"{r['patch_id']}.tif")
+            p = flat.shape[0]
+            i0, j0 = round(float(r["lr_y"]) - p / 2), round(float(r["lr_x"]) - p / 2)
+            k = int(r["lr_slice"])
+            stack = lr[context_index(k, k + 1, context, lr.shape[0])[0], i0:i0 + p, j0:j0 + p]
+            if not np.array_equal(stack[context], flat):  # the crop is the stored patch
+                raise RuntimeError(f"{r['patch_id']}: LR crop differs from the stored patch")
+            tifffile.imwrite(tmp / "lr" / f"{r['patch_id']}.tif", stack, photometric="minisblack")
+            (tmp / "hr" / f"{r['patch_id']}.tif").hardlink_to(src / "hr" / f"{r['patch_id']}.tif")
+    regs = json.loads((src / "registration.json").read_text())
+    (tmp / "registration.json").write_text(json.dumps([{**g, "context": context} for g in regs],
+                                                      indent=2))
+    (tmp / "pairs.csv").write_bytes((src / "pairs.csv").read_bytes())
+    tmp.rename(dst)
+    return dst
+
+
+def widen_input(src: Path, dst: Path, context: int) -> Path:
+    """``src`` (a 2D model) as a 2.5D model taking 2 * ``context`` + 1 slices, computing the
+    same function: the head conv's weights for the middle slice are the old ones, those for
+    the neighbours start at zero."""
+    import dataclasses
+
+    import torch
+
+    from microct_sr.checkpoint import load_model, save_model
+    from microct_sr.models import ModelConfig, build_model
+
+    flat, ckpt = load_model(src)
+    config = ModelConfig.from_dict(ckpt["config"])
+    if config.in_channels != 1:
+        raise ValueError(f"{src}: already takes {config.in_channels} slices")
+    wide_config = dataclasses.replace(config, in_channels=2 * context + 1)
+    wide = build_model(wide_config)
+    state = flat.state_dict()
+    weight = torch.zeros_like(wide.state_dict()["head.weight"])
+    weight[:, context] = state["head.weight"][:, 0]
+    wide.load_state_dict({**state, "head.weight": weight})
+    return save_model(dst, wide, wide_config, intensity=ckpt["intensity"],
+                      provenance={**ckpt["provenance"], "widened_from": str(src),
+                                  "context": context})
+
+
 def evaluate(work: Path, scans: list[dict], model: Path) -> list[dict]:
     """Upscale and score every held-out scan; SR volumes go to sr/<model's run folder>/, so a
     re-run with another stage's model never reuses the last one's output."""
@@ -491,7 +571,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path)
     ap.add_argument("--stages",
-                    default="hr,simulate,pair,train,finetune,scaled,gray,evaluate")
+                    default="hr,simulate,pair,train,finetune,scaled,gray,context,evaluate")
     ap.add_argument("--iters", type=int, default=20000, help="L1 stage iterations")
     ap.add_argument("--finetune-iters", type=int, default=4000,
                     help="MSE fine-tuning iterations (on every training scan)")
@@ -537,6 +617,13 @@ def main() -> None:
                       init=args.work / f"run_{args.preset}_gray" / "model.pt",
                       split="split_near.json", name="_near", extra=GRAY_OPTIONS,
                       pick_best=False)
+    if "context" in stages:
+        data = context_pairs(args.work, scans, 1)
+        init = widen_input(args.work / f"run_{args.preset}_gray" / "model.pt",
+                           args.work / "context_init.pt", 1)
+        model = train(args.work, args.gray_iters, args.preset, pixel_loss="mse", init=init,
+                      split="split.json", name="_ctx1", extra=GRAY_OPTIONS, pick_best=False,
+                      data=data.name)
     if "evaluate" in stages:
         rows = evaluate(args.work, scans, model)
         print(summarize(args.work, rows))

@@ -106,15 +106,21 @@ def test_near_nominal_scans_are_extra_and_near_the_nominal_setting(tmp_path, mon
     assert len({s["smoothing"] for s in near}) > 1  # drawn, not one fixed value
 
 
+def _saved_model(path: Path, seed: int, **overrides):
+    """A tiny r2rcan with seeded random weights, saved as a model file at ``path``."""
+    config = preset("r2rcan", "tiny", **overrides)
+    torch.manual_seed(seed)
+    model = build_model(config)
+    save_model(path, model, config, intensity={"window": [0.0, 255.0], "dtype": "uint8"},
+               provenance={"stage": "psnr"})
+    return model
+
+
 def test_grown_model_computes_the_same_function_and_then_trains(tmp_path):
     """Three RCAB groups more, appended after the last Res2 group with a zero closing conv: the
     same output as the source model, and the new closing convs get gradients (training moves
     them off zero, and then the new blocks learn)."""
-    config = preset("r2rcan", "tiny", n_rcab_groups=2, n_res2_groups=2)
-    torch.manual_seed(3)
-    src = build_model(config)
-    save_model(tmp_path / "src.pt", src, config,
-               intensity={"window": [0.0, 255.0], "dtype": "uint8"}, provenance={"stage": "psnr"})
+    src = _saved_model(tmp_path / "src.pt", 3, n_rcab_groups=2, n_res2_groups=2)
     rec = _recipe()
     grown, ckpt = load_model(rec.grow_model(tmp_path / "src.pt", tmp_path / "big.pt", 5))
     assert ckpt["config"]["n_rcab_groups"] == 5 and len(grown.body) == len(src.body) + 3
@@ -133,11 +139,7 @@ def test_grown_model_computes_the_same_function_and_then_trains(tmp_path):
 def test_add_refinement_keeps_the_function_and_makes_a_loadable_refine_model(tmp_path):
     """The refine candidate starts from the light model's exact function; its saved config
     names the refine upsampler, so `upscale --model` rebuilds it; a non-light model fails."""
-    config = preset("r2rcan", "tiny")
-    torch.manual_seed(4)
-    src = build_model(config)
-    save_model(tmp_path / "src.pt", src, config,
-               intensity={"window": [0.0, 255.0], "dtype": "uint8"}, provenance={"stage": "psnr"})
+    src = _saved_model(tmp_path / "src.pt", 4)
     rec = _recipe()
     refined, ckpt = load_model(rec.add_refinement(tmp_path / "src.pt", tmp_path / "ref.pt"))
     assert ckpt["config"]["upsampler"] == "refine"
@@ -164,3 +166,57 @@ def test_gray_stage_command_and_model(tmp_path, monkeypatch):
     assert opts["--lr-step"] == "1500" and opts["--pixel-loss"] == "mse"
     assert opts["--split-file"] == str(tmp_path / "split.json")
     assert opts["--init"] == str(tmp_path / "third.pt") and opts["--iters"] == "4500"
+
+
+def test_widened_model_computes_the_same_function_and_learns_from_neighbours(tmp_path):
+    """The 2.5D candidate starts as the 2D model (neighbour weights zero, so the middle slice
+    alone decides) and the neighbours' head weights get gradients."""
+    src = _saved_model(tmp_path / "src.pt", 5)
+    rec = _recipe()
+    wide, ckpt = load_model(rec.widen_input(tmp_path / "src.pt", tmp_path / "wide.pt", 1))
+    assert ckpt["config"]["in_channels"] == 3 and ckpt["provenance"]["context"] == 1
+    x = torch.rand(2, 3, 10, 12)
+    with torch.no_grad():
+        assert torch.equal(src.eval()(x[:, 1:2]), wide.eval()(x))
+    wide.train()
+    wide(x).mean().backward()
+    assert wide.head.weight.grad[:, [0, 2]].abs().sum() > 0
+    with pytest.raises(ValueError, match="already takes 3"):
+        rec.widen_input(tmp_path / "wide.pt", tmp_path / "again.pt", 1)
+
+
+def test_context_pairs_are_the_neighbour_crops_of_the_lr_scan(tmp_path):
+    """The 2.5D pair folder made from a 2D one: each LR patch becomes the crops of slices
+    k-1, k, k+1 (clamped), its middle page the stored patch; HR patches and pairs.csv stay."""
+    import csv
+
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    lr = rng.integers(0, 256, (4, 12, 12), dtype=np.uint8)
+    write_volume(tmp_path / "lr.tif", lr, (80.0, 80.0, 80.0))
+    src = tmp_path / "pairs"
+    (src / "lr").mkdir(parents=True)
+    (src / "hr").mkdir()
+    rows = []
+    for n, (k, cx, cy) in enumerate([(0, 4, 6), (2, 8, 5), (3, 6, 8)]):
+        pid = f"s1_{n:05d}"
+        tifffile.imwrite(src / "lr" / f"{pid}.tif", lr[k, cy - 2:cy + 2, cx - 2:cx + 2])
+        tifffile.imwrite(src / "hr" / f"{pid}.tif", rng.integers(0, 256, (32, 32), np.uint8))
+        rows.append({"patch_id": pid, "scan_id": "s1", "lr_slice": k, "lr_x": cx, "lr_y": cy})
+    with open(src / "pairs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (src / "registration.json").write_text('[{"scan_id": "s1"}]')
+    rec = _recipe()
+    out = rec.context_pairs(tmp_path, [{"scan_id": "s1", "lr": str(tmp_path / "lr.tif")}], 1)
+    assert out == tmp_path / "pairs_ctx1" and (out / "pairs.csv").read_bytes() == \
+        (src / "pairs.csv").read_bytes()
+    for r in rows:
+        k, cx, cy = r["lr_slice"], r["lr_x"], r["lr_y"]
+        want = lr[[max(k - 1, 0), k, min(k + 1, 3)], cy - 2:cy + 2, cx - 2:cx + 2]
+        assert np.array_equal(tifffile.imread(out / "lr" / f"{r['patch_id']}.tif"), want)
+        assert (out / "hr" / f"{r['patch_id']}.tif").read_bytes() == \
+            (src / "hr" / f"{r['patch_id']}.tif").read_bytes()
+    assert '"context": 1' in (out / "registration.json").read_text()

@@ -140,3 +140,21 @@ def test_a_model_and_patches_of_another_depth_are_refused_before_training(stacks
     assert "takes 1 LR slice per patch" in r.stderr and "3 LR slices" in r.stderr
     assert "--context 0" in r.stderr and str(tmp_path / "flat_run" / "model.pt") in r.stderr
     assert not (tmp_path / "ft" / "model.pt").exists()
+
+
+def test_the_shipped_default_fine_tunes_on_context_1_pairs_only(stacks, tmp_path, run_cli):
+    """The README's fine-tuning path: `pair --context 1` patches train from weights/default.pt;
+    2D patches are refused up front, the message giving the --context to pair with."""
+    from microct_sr.checkpoint import default_model_path
+
+    default = default_model_path()
+    if not default.exists():
+        pytest.skip(f"no shipped default model at {default}")
+    args = ["train", "--stage", "psnr", "--init", default, "--iters", "2", "--batch-size", "2",
+            "--workers", "0", "--val-every", "2", "--quiet"]
+    r = run_cli(*args, "--data", stacks, "--out", tmp_path / "ft")
+    assert r.exit_code == 0, r.stderr
+    assert load_model(tmp_path / "ft" / "model.pt")[1]["config"]["in_channels"] == 3
+    flat = make_pair_folder(tmp_path / "flat", ["rat1", "rat2"], 2, lr_patch=4, seed=3)
+    r = run_cli(*args, "--data", flat, "--out", tmp_path / "ft2")
+    assert r.exit_code == 2 and "pair with --context 1" in r.stderr

@@ -173,16 +173,6 @@ def _remove_dead_runs_folders(out_dir: Path) -> None:
     remove_dead_runs(out_dir, re.compile(rf"^{re.escape(TMP_PAIR_PREFIX)}(\d+)-"))
 
 
-def _write_lr_patch(path: Path, lr: np.ndarray) -> None:
-    """A 2D patch as one page (as before ``--context``), a (2N+1, p, p) stack as 2N+1 pages."""
-    import tifffile
-
-    if lr.ndim == 2:
-        tifffile.imwrite(path, lr)
-    else:
-        tifffile.imwrite(path, lr, photometric="minisblack")
-
-
 def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = False,
                known_motion: tuple[float, Sequence[float]] | None = None,
                **options: Any) -> dict:
@@ -241,7 +231,9 @@ def pair_scans(lr, hr, out_dir: str | Path, *, scan_id: str, overwrite: bool = F
                     totals[k] += v
                 for pt in patches:
                     pid = f"{scan_id}_{len(rows):05d}"
-                    _write_lr_patch(tmp / "lr" / f"{pid}.tif", pt.lr)
+                    # minisblack: a (2N+1, p, p) stack is 2N+1 gray pages, not RGB planes
+                    # (for a 2D patch the file is the same as without it)
+                    tifffile.imwrite(tmp / "lr" / f"{pid}.tif", pt.lr, photometric="minisblack")
                     tifffile.imwrite(tmp / "hr" / f"{pid}.tif", pt.hr)
                     rows.append({"patch_id": pid, "scan_id": scan_id, "lr_slice": pt.lr_slice,
                                  "hr_slice": pt.hr_slice, "lr_x": f"{pt.lr_x:g}",
